@@ -1,0 +1,97 @@
+"""Streaming text out of token ids: incremental detokenization and stop strings.
+
+Two holds keep a stream exact. The detokenizer holds text back while it ends with U+FFFD (a
+multi-byte character whose remaining bytes are in tokens not generated yet), so a character is
+never split or lost. The stop matcher holds back the longest tail that could still become a stop
+string, so a stop string is never emitted, even when it arrives split across tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 5
+"""Prompt tokens decoded ahead of the completion: tokenizers that drop a leading space when a
+sequence starts with a word (SentencePiece) keep it this way, as vLLM does."""
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text deltas whose concatenation is ``decode(all ids)``."""
+
+    def __init__(
+        self, tokenizer: Any, prompt_ids: Sequence[int], *, skip_special_tokens: bool = True
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the newly complete text (possibly empty)."""
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character comes out as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text) or (full_text.endswith(REPLACEMENT) and not final):
+            return ""
+        delta = full_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return delta
+
+
+class StopMatcher:
+    """Cuts a text stream at the first stop string, which itself never comes out."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Feed text; returns what can safely be emitted. Sets ``stopped`` at a stop string."""
+        if self.stopped:
+            return ""
+        self._pending += text
+        if not self._stops:
+            out, self._pending = self._pending, ""
+            return out
+        first = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if first >= 0:
+            self.stopped = True
+            out, self._pending = self._pending[:first], ""
+            return out
+        hold = self._held_suffix_length()
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """At the end of the stream: the held tail was not a stop string after all."""
+        if self.stopped:
+            return ""
+        out, self._pending = self._pending, ""
+        return out
+
+    def _held_suffix_length(self) -> int:
+        """Length of the longest suffix of the pending text that is a proper prefix of a stop."""
+        text = self._pending
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

@@ -1,0 +1,128 @@
+"""Pure functions between stored blocks and a transformers ``DynamicCache``.
+
+Shapes: a stored block holds, per layer, K ``[kv_heads, block_size, k_dim]`` and V ``[kv_heads,
+block_size, v_dim]`` (no batch dim). A cache layer holds ``[1, kv_heads, seq, dim]``.
+Only models whose layers are all ``DynamicLayer`` (or a ``DynamicSlidingWindowLayer`` that never
+slides, see ``capability``) come here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from cache_store.codec import BlockKV
+
+LayerShape = tuple[tuple[int, int, int], tuple[int, int, int]]
+BlockTensors = tuple[list[torch.Tensor], list[torch.Tensor]]
+"""One block: (keys per layer, values per layer), each ``[kv_heads, block_size, dim]`` on CPU."""
+
+
+class CacheLayoutError(ValueError):
+    """Blocks or a cache that do not fit the model's cache layout."""
+
+
+def _to_device(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Concatenate ``[kv_heads, t_i, dim]`` parts along tokens into ``[1, kv_heads, sum t_i, dim]``
+    on ``device``: one host copy (into pinned memory on CUDA, so the upload is asynchronous)."""
+    heads, _, dim = parts[0].shape
+    total = sum(p.shape[1] for p in parts)
+    if device.type == "cuda":
+        staging = torch.empty((heads, total, dim), dtype=parts[0].dtype, pin_memory=True)
+        torch.cat(list(parts), dim=1, out=staging)
+        return staging.unsqueeze(0).to(device, non_blocking=True)
+    return torch.cat(list(parts), dim=1).unsqueeze(0)
+
+
+def build_cache(
+    config: PretrainedConfig, blocks: Sequence[BlockKV], n_tokens: int, device: torch.device
+) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` holding the first ``n_tokens`` tokens of ``blocks``.
+
+    ``n_tokens`` may stop inside the last block (the "always prefill one token" crop). With no
+    blocks (or ``n_tokens == 0``) the cache is empty.
+    """
+    cache = DynamicCache(config=config)
+    if n_tokens <= 0 or not blocks:
+        return cache
+    available = sum(len(b.token_ids) for b in blocks)
+    if n_tokens > available:
+        raise CacheLayoutError(f"asked for {n_tokens} tokens from blocks holding {available}")
+    if any(len(b.keys) != len(cache.layers) for b in blocks):
+        raise CacheLayoutError(f"blocks do not have the model's {len(cache.layers)} layers")
+    # Keep only the parts of the blocks that make up the first n_tokens tokens.
+    spans: list[tuple[BlockKV, int]] = []
+    remaining = n_tokens
+    for block in blocks:
+        take = min(len(block.token_ids), remaining)
+        spans.append((block, take))
+        remaining -= take
+        if remaining == 0:
+            break
+    for index, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise CacheLayoutError(f"layer {index} ({type(layer).__name__}) cannot be restored")
+        keys = _to_device([b.keys[index][:, :take] for b, take in spans], device)  # [1, H, n, Dk]
+        values = _to_device([b.values[index][:, :take] for b, take in spans], device)  # [1, H, n, Dv]
+        # Assign instead of layer.update(): update would cat onto an empty tensor, a second full
+        # copy of the prefix on the hot path. These are the attributes update() itself sets.
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            if n_tokens >= layer.sliding_window:
+                raise CacheLayoutError(f"layer {index}: {n_tokens} tokens exceed its sliding window")
+            layer.cumulative_length = n_tokens
+    if cache.get_seq_length() != n_tokens:
+        raise CacheLayoutError("the installed transformers' DynamicCache did not take the restored K/V")
+    return cache
+
+
+def storable_range(cache: DynamicCache) -> tuple[int, int]:
+    """Token positions ``[start, end)`` whose K/V every layer of ``cache`` still holds."""
+    end = cache.get_seq_length()
+    start = 0
+    for layer in cache.layers:
+        kept = 0 if layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2]
+        seq = layer.get_seq_length()
+        if seq != end:
+            raise CacheLayoutError("cache layers disagree on the sequence length")
+        start = max(start, seq - kept)
+    return start, end
+
+
+def slice_blocks(cache: DynamicCache, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
+    """Per-block K/V of blocks ``first_block .. first_block + n_blocks - 1`` as contiguous CPU copies
+    (``[kv_heads, block_size, dim]`` per layer), ready for ``encode_block``."""
+    if n_blocks <= 0:
+        return []
+    start_tok = first_block * block_size
+    end_tok = start_tok + n_blocks * block_size
+    lo, hi = storable_range(cache)
+    if start_tok < lo or end_tok > hi:
+        raise CacheLayoutError(f"tokens [{start_tok}, {end_tok}) are not all in the cache [{lo}, {hi})")
+    blocks: list[BlockTensors] = [([], []) for _ in range(n_blocks)]
+    for layer in cache.layers:
+        offset = layer.get_seq_length() - layer.keys.shape[-2]
+        for tensor, slot in ((layer.keys, 0), (layer.values, 1)):
+            # [1, H, seq, D] -> [H, n_blocks * block_size, D]; one device->host copy per layer.
+            span = tensor[0, :, start_tok - offset : end_tok - offset, :]
+            host = span.to("cpu") if span.device.type != "cpu" else span
+            for i in range(n_blocks):
+                part = host[:, i * block_size : (i + 1) * block_size, :]
+                blocks[i][slot].append(part.clone(memory_format=torch.contiguous_format))
+    return blocks
+
+
+def layer_shapes(cache: DynamicCache, block_size: int) -> list[LayerShape]:
+    """The per-layer ``(K shape, V shape)`` of one block, read off a filled cache."""
+    shapes: list[LayerShape] = []
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            raise CacheLayoutError("cannot read block shapes from an empty cache layer")
+        _, kh, _, kd = layer.keys.shape
+        _, vh, _, vd = layer.values.shape
+        shapes.append(((kh, block_size, kd), (vh, block_size, vd)))
+    return shapes
