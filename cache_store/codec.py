@@ -1,0 +1,340 @@
+"""The block record: one self-describing binary value per block, K/V bytes behind a fixed header.
+
+Layout (all little-endian)::
+
+    fixed header (_FIXED, 96 bytes)
+        magic b"KVPB" | version u16 | dtype code u8 | reserved u8 |
+        namespace 16s | parent 16s | block hash 16s |
+        n_tokens u32 | n_layers u32 | payload offset u64 | payload length u64 |
+        payload XXH3-64 u64 | reserved 8 bytes
+    per layer: K shape (kv_heads, tokens, head_dim) 3 x u32, V shape 3 x u32
+    token ids: n_tokens x u32
+    zero padding up to a multiple of 64 (the payload offset)
+    payload: for each layer, K bytes then V bytes, each C-contiguous
+
+Records come from Redis and disk, i.e. untrusted input: every header field and every length is
+checked before the payload is touched, nothing is unpickled or evaluated, and a bad record raises
+a specific ``RecordError`` subclass. Decoded tensors are views of the record buffer (no copy).
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from cache_store.hashing import FORMAT_VERSION, HASH_BYTES, tokens_to_bytes
+
+MAGIC = b"KVPB"
+PAYLOAD_ALIGN = 64
+MAX_LAYERS = 4096
+MAX_TOKENS = 1 << 20
+
+_FIXED = struct.Struct("<4sHBx16s16s16sIIQQQ8x")
+_CHECKSUM_AT = _FIXED.size - 16  # byte offset of the checksum field inside the fixed header
+_SHAPE = struct.Struct("<6I")  # K (heads, tokens, dim), V (heads, tokens, dim)
+
+# Explicit, append-only dtype table: the code is what is written to the record.
+_DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+Shape3 = tuple[int, int, int]
+LayerShape = tuple[Shape3, Shape3]
+RecordBuffer = bytes | bytearray | memoryview
+
+
+class RecordError(ValueError):
+    """A record that cannot be trusted; the subclass says why."""
+
+
+class BadMagic(RecordError):
+    pass
+
+
+class UnsupportedVersion(RecordError):
+    pass
+
+
+class NamespaceMismatch(RecordError):
+    pass
+
+
+class ParentMismatch(RecordError):
+    pass
+
+
+class BlockHashMismatch(RecordError):
+    pass
+
+
+class TokenMismatch(RecordError):
+    pass
+
+
+class DtypeMismatch(RecordError):
+    pass
+
+
+class ShapeMismatch(RecordError):
+    pass
+
+
+class LengthMismatch(RecordError):
+    pass
+
+
+class ChecksumMismatch(RecordError):
+    pass
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """Everything in a record but the payload."""
+
+    version: int
+    namespace: bytes
+    parent: bytes
+    block_hash: bytes
+    dtype: torch.dtype
+    token_ids: tuple[int, ...]
+    layer_shapes: tuple[LayerShape, ...]
+    payload_offset: int
+    payload_length: int
+    checksum: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_shapes)
+
+
+@dataclass(frozen=True)
+class BlockKV:
+    """A verified block. ``keys[l]``/``values[l]``: [kv_heads, tokens, head_dim] views of the record."""
+
+    block_hash: bytes
+    parent: bytes
+    token_ids: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The record's code for ``dtype``; ``DtypeMismatch`` for a dtype the format does not carry."""
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise DtypeMismatch(f"unsupported dtype {dtype}") from None
+
+
+def encode_block(
+    *,
+    namespace: bytes,
+    parent: bytes,
+    block_hash: bytes,
+    token_ids: Sequence[int],
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+) -> bytearray:
+    """Serialize one block. ``keys[l]``/``values[l]``: [kv_heads, n_tokens, head_dim], one dtype."""
+    for name, digest in (("namespace", namespace), ("parent", parent), ("block_hash", block_hash)):
+        if len(digest) != HASH_BYTES:
+            raise ValueError(f"{name} must be {HASH_BYTES} bytes")
+    if len(keys) != len(values) or not keys:
+        raise ValueError("keys and values need one tensor per layer (at least one layer)")
+    if len(keys) > MAX_LAYERS:
+        raise ValueError(f"at most {MAX_LAYERS} layers")
+    token_bytes = tokens_to_bytes(token_ids)
+    n_tokens = len(token_bytes) // 4
+    if not 0 < n_tokens <= MAX_TOKENS:
+        raise ValueError(f"a block holds 1..{MAX_TOKENS} tokens, got {n_tokens}")
+    dtype = keys[0].dtype
+    code = dtype_code(dtype)
+    shapes = bytearray()
+    layer_shapes: list[LayerShape] = []
+    for k, v in zip(keys, values, strict=True):
+        if k.dtype != dtype or v.dtype != dtype:
+            raise ValueError("every K/V tensor must have the same dtype")
+        if k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2] or k.shape[1] != n_tokens:
+            raise ValueError(
+                f"K/V must be [kv_heads, {n_tokens}, head_dim] with equal heads, got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        layer_shapes.append((tuple(k.shape), tuple(v.shape)))  # type: ignore[arg-type]
+        shapes += _SHAPE.pack(*k.shape, *v.shape)
+
+    offset = _payload_offset(len(keys), n_tokens)
+    tensors = [t for pair in zip(keys, values, strict=True) for t in pair]
+    length = sum(t.nbytes for t in tensors)
+    header = _FIXED.pack(
+        MAGIC, FORMAT_VERSION, code, namespace, parent, block_hash, n_tokens, len(keys), offset, length, 0
+    )
+    head = b"".join((header, shapes, token_bytes))
+    if all(t.is_cpu and t.is_contiguous() for t in tensors):
+        # One allocation, one copy per tensor, no zero fill: join the raw byte views.
+        parts = [head, bytes(offset - len(head)), *(_byte_view(t) for t in tensors)]
+        record = bytearray().join(parts)
+    else:
+        # Strided (sliced out of a cache) or device tensors: copy straight into the record.
+        record = bytearray(offset + length)
+        record[: len(head)] = head
+        flat = torch.frombuffer(record, dtype=torch.uint8, count=length, offset=offset).view(dtype)
+        if len({tuple(t.shape) for t in tensors}) == 1:
+            # Same K and V shape in every layer: [2 * n_layers, kv_heads, tokens, head_dim], one kernel.
+            torch.stack(tensors, out=flat.view(len(tensors), *tensors[0].shape))
+        else:
+            for dst, src in zip(_split_payload(flat, layer_shapes), tensors, strict=True):
+                dst.copy_(src)
+    checksum = xxhash.xxh3_64_intdigest(memoryview(record)[offset:])
+    struct.pack_into("<Q", record, _CHECKSUM_AT, checksum)
+    return record
+
+
+def peek_header(record: RecordBuffer) -> RecordHeader:
+    """Parse and sanity-check the header (every length included); the payload is not read."""
+    view = memoryview(record).cast("B")
+    size = len(view)
+    if bytes(view[:4]) != MAGIC:
+        if size < 4 and MAGIC.startswith(bytes(view)):
+            raise LengthMismatch(f"record of {size} bytes is truncated")
+        raise BadMagic("not a kvproxy block record")
+    if size < 6:
+        raise LengthMismatch(f"record of {size} bytes is truncated")
+    (version,) = struct.unpack_from("<H", view, 4)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(f"record format version {version}, this build reads {FORMAT_VERSION}")
+    if size < _FIXED.size:
+        raise LengthMismatch(f"record of {size} bytes is shorter than its header")
+    (_, _, code, namespace, parent, block_hash, n_tokens, n_layers, offset, length, checksum) = (
+        _FIXED.unpack_from(view)
+    )
+    dtype = _CODE_DTYPES.get(code)
+    if dtype is None:
+        raise DtypeMismatch(f"unknown dtype code {code}")
+    if not 0 < n_tokens <= MAX_TOKENS or not 0 < n_layers <= MAX_LAYERS:
+        raise ShapeMismatch(f"implausible header: {n_tokens} tokens, {n_layers} layers")
+    tokens_at = _FIXED.size + n_layers * _SHAPE.size
+    if size < tokens_at + 4 * n_tokens:
+        raise LengthMismatch(f"record of {size} bytes is truncated inside its header")
+    if offset != _payload_offset(n_layers, n_tokens):
+        raise LengthMismatch(f"payload offset {offset} does not match the header layout")
+    itemsize = dtype.itemsize
+    layer_shapes = []
+    expected_length = 0
+    for i in range(n_layers):
+        kh, kt, kd, vh, vt, vd = _SHAPE.unpack_from(view, _FIXED.size + i * _SHAPE.size)
+        if kt != n_tokens or vt != n_tokens or kh != vh or 0 in (kh, kd, vd):
+            raise ShapeMismatch(f"layer {i}: K {(kh, kt, kd)} / V {(vh, vt, vd)} for {n_tokens} tokens")
+        layer_shapes.append(((kh, kt, kd), (vh, vt, vd)))
+        expected_length += kh * kt * (kd + vd) * itemsize
+    if length != expected_length:
+        raise LengthMismatch(f"payload length {length}, shapes need {expected_length}")
+    if size != offset + length:
+        raise LengthMismatch(f"record is {size} bytes, header says {offset + length}")
+    token_ids = tuple(np.frombuffer(view, dtype="<u4", count=n_tokens, offset=tokens_at).tolist())
+    return RecordHeader(
+        version=version,
+        namespace=namespace,
+        parent=parent,
+        block_hash=block_hash,
+        dtype=dtype,
+        token_ids=token_ids,
+        layer_shapes=tuple(layer_shapes),
+        payload_offset=offset,
+        payload_length=length,
+        checksum=checksum,
+    )
+
+
+def decode_block(
+    record: RecordBuffer,
+    *,
+    namespace: bytes,
+    parent: bytes,
+    block_hash: bytes,
+    token_ids: Sequence[int],
+    dtype: torch.dtype | None = None,
+    layer_shapes: Sequence[LayerShape] | None = None,
+) -> BlockKV:
+    """Verify ``record`` against what the caller expects and return zero-copy tensor views of it.
+
+    ``layer_shapes``: ``[((kv_heads, tokens, k_dim), (kv_heads, tokens, v_dim)), ...]`` per layer.
+    """
+    header = peek_header(record)
+    if header.namespace != namespace:
+        raise NamespaceMismatch("record belongs to another namespace")
+    if header.parent != parent:
+        raise ParentMismatch("record has another parent block")
+    if header.block_hash != block_hash:
+        raise BlockHashMismatch("record is stored under another block's key")
+    if header.token_ids != tuple(token_ids):
+        raise TokenMismatch("record holds other token ids")
+    if dtype is not None and header.dtype != dtype:
+        raise DtypeMismatch(f"record dtype {header.dtype}, expected {dtype}")
+    if layer_shapes is not None and header.layer_shapes != _normalize_shapes(layer_shapes):
+        raise ShapeMismatch("record K/V shapes differ from the model's")
+    view = memoryview(record).cast("B")
+    offset = header.payload_offset
+    if xxhash.xxh3_64_intdigest(view[offset:]) != header.checksum:
+        raise ChecksumMismatch("payload checksum mismatch")
+
+    if view.readonly:
+        with warnings.catch_warnings():
+            # bytes from a store are read-only; the views are only ever read (copied into a Cache).
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(view, dtype=torch.uint8, count=header.payload_length, offset=offset)
+    else:
+        flat = torch.frombuffer(view, dtype=torch.uint8, count=header.payload_length, offset=offset)
+    tensors = _split_payload(flat.view(header.dtype), header.layer_shapes)
+    keys, values = tensors[0::2], tensors[1::2]
+    return BlockKV(
+        block_hash=header.block_hash,
+        parent=header.parent,
+        token_ids=header.token_ids,
+        keys=keys,
+        values=values,
+    )
+
+
+def _split_payload(flat: torch.Tensor, layer_shapes: Sequence[LayerShape]) -> list[torch.Tensor]:
+    """Views [K_0, V_0, K_1, V_1, ...] of a flat payload tensor, each [kv_heads, tokens, head_dim]."""
+    (k0, v0), n_layers = layer_shapes[0], len(layer_shapes)
+    if all(shapes == (k0, v0) for shapes in layer_shapes):
+        # Uniform layers: a few C++ view ops instead of ~3 Python calls per tensor.
+        k_numel, v_numel = k0[0] * k0[1] * k0[2], v0[0] * v0[1] * v0[2]
+        grid = flat.view(n_layers, k_numel + v_numel)  # [layers, K bytes then V bytes]
+        k_all, v_all = grid.split([k_numel, v_numel], dim=1)
+        ks, vs = k_all.view(n_layers, *k0).unbind(0), v_all.view(n_layers, *v0).unbind(0)
+        return [t for pair in zip(ks, vs, strict=True) for t in pair]
+    out: list[torch.Tensor] = []
+    pos = 0
+    for shapes in layer_shapes:
+        for shape in shapes:
+            n = shape[0] * shape[1] * shape[2]
+            out.append(flat[pos : pos + n].view(shape))
+            pos += n
+    return out
+
+
+def _normalize_shapes(layer_shapes: Sequence[LayerShape]) -> tuple[LayerShape, ...]:
+    return tuple((tuple(int(d) for d in k), tuple(int(d) for d in v)) for k, v in layer_shapes)  # type: ignore[misc]
+
+
+def _payload_offset(n_layers: int, n_tokens: int) -> int:
+    unaligned = _FIXED.size + n_layers * _SHAPE.size + 4 * n_tokens
+    return -(-unaligned // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a contiguous CPU tensor as a flat uint8 array (no copy; bf16 included)."""
+    return t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
