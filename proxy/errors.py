@@ -1,0 +1,178 @@
+"""Every error the API returns, in the OpenAI shape, mapped to HTTP in this one place.
+
+``{"error": {"message", "type", "param", "code"}}``. Client mistakes are 400 with ``param`` naming
+the field; a 5xx only for a real server fault. Messages never echo prompt text (pydantic's
+``input`` is dropped) and never show Python internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("kvproxy")
+
+
+class ApiError(Exception):
+    """An error the client sees; subclasses fix the status and type."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type_=self.type, param=self.param, code=self.code)
+
+
+class InvalidRequest(ApiError):
+    status = 400
+
+
+class ContextLengthExceeded(ApiError):
+    status = 400
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+    def __init__(self, message: str = "Invalid or missing API key.") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    type = "permission_error"
+    default_code = "admin_required"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    default_code = "request_too_large"
+
+
+class ServiceUnavailable(ApiError):
+    """The server is healthy but cannot take this request now; the client should retry."""
+
+    status = 503
+    type = "server_error"
+
+    def __init__(self, message: str, *, code: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+def error_body(
+    message: str, *, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def loc_to_param(loc: Sequence[int | str]) -> str | None:
+    """``("body", "messages", 0, "content")`` -> ``"messages[0].content"``."""
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    param = ""
+    for part in parts:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif "[" in str(part) or "function-" in str(part):
+            # pydantic names union branches ("str", "list[ContentPart]"); they are not fields.
+            continue
+        else:
+            param += f".{part}" if param else str(part)
+    return param or None
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+    """The first schema error, as a 400 naming the field (the request's text is never echoed)."""
+    if not errors:
+        return InvalidRequest("Invalid request body.")
+    # A union field reports one error per branch; the deepest one is the most specific.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = loc_to_param(first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"Invalid value for '{param}': {detail}."
+    return InvalidRequest(
+        message, param=param, code="missing_required_parameter" if kind == "missing" else "invalid_value"
+    )
+
+
+def from_pydantic(exc: ValidationError) -> InvalidRequest:
+    return validation_error(exc.errors(include_url=False, include_input=False))
+
+
+def _json(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _json(exc.status, exc.body(), exc.headers)
+
+
+async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    err = validation_error(exc.errors())
+    return _json(err.status, err.body())
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        body = error_body("Unknown route.", type_="not_found_error", code="not_found")
+    elif exc.status_code == 405:
+        body = error_body(
+            "Method not allowed for this route.", type_="invalid_request_error", code="method_not_allowed"
+        )
+    else:
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        body = error_body(str(exc.detail), type_=kind)
+    return _json(exc.status_code, body, exc.headers)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # A real fault: log the traceback here, show the client nothing of it.
+    log.error("internal error", exc_info=exc)
+    return _json(
+        500, error_body("The server had an internal error.", type_="server_error", code="internal_error")
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    # Starlette types handlers as taking Exception; each is registered for its own class only.
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _request_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
