@@ -1,0 +1,84 @@
+"""What goes into and comes out of the engine: requests, stream events, usage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model_runner.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt plus ``max_tokens`` does not fit the served context."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion: token ids of the rendered prompt, how to sample, and the cache partition
+    (``tenant`` and the request's optional ``cache_salt``, both part of the namespace)."""
+
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams
+    tenant: str = "default"
+    cache_salt: str = ""
+
+    def __post_init__(self) -> None:
+        ids = tuple(int(t) for t in self.prompt_ids)
+        if not ids:
+            raise ValueError("the prompt must hold at least one token")
+        if min(ids) < 0:
+            raise ValueError("token ids must not be negative")
+        object.__setattr__(self, "prompt_ids", ids)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of a stream and the token ids generated since the previous delta (text held
+    back for a split character or a possible stop string comes out with a later delta)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """Token counts and timings of one request.
+
+    ``cached_tokens``: prompt tokens restored from the prefix cache (``cached_by_tier`` splits
+    them by tier); ``prefilled_tokens``: prompt tokens computed; ``ttft_s``: from the call to
+    the first sampled token (lookup, restore and prefill included); ``decode_s``: after that;
+    ``miss_reason``/``miss_block``: why and where the cached prefix stopped (see
+    ``cache_store.prefix_cache.MISS_REASONS``).
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cached_by_tier: dict[str, int] = field(default_factory=dict)
+    prefilled_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    miss_reason: str = "cache_disabled"
+    miss_block: int | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every stream."""
+
+    finish_reason: FinishReason
+    usage: UsageReport
+
+
+@dataclass(frozen=True)
+class WarmupResult:
+    """What ``Engine.warmup`` did for one prompt."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    stored_blocks: int
+    miss_reason: str
