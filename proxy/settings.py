@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import platformdirs
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_runner.paths import default_cache_dir
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -81,7 +82,8 @@ def redact_url(url: str) -> str:
 
 
 def default_disk_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("kvproxy")) / "blocks"
+    """``<user cache dir>/kvproxy/blocks`` (``KVPROXY_CACHE_DIR`` moves the whole cache dir)."""
+    return default_cache_dir() / "blocks"
 
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]

@@ -1,0 +1,83 @@
+"""``create_app(settings)``: the FastAPI app, its lifespan and its routers.
+
+Services are built when the app starts (not at import) and kept in one typed container on
+``app.state.services``, reached through ``proxy.deps.get_services``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.errors import install_error_handlers
+from proxy.routers import cache, chat, completions, dashboard, health, metrics, models
+from proxy.services import Services
+from proxy.settings import ServeSettings
+
+log = logging.getLogger("kvproxy")
+
+SHUTDOWN_GRACE_S = 10.0
+DRAIN_TIMEOUT_S = 15.0
+
+
+class RequestMetricsMiddleware:
+    """Counts every response in ``kvproxy_requests_total{route,status}``; the route label is the
+    matched route template (never the raw path, which would explode label cardinality)."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self.services.metrics.observe_request(self._route(scope), status)
+
+    @staticmethod
+    def _route(scope: Scope) -> str:
+        # The router records the matched route in the (shared) scope on its way in.
+        return str(getattr(scope.get("route"), "path", "other"))
+
+
+def create_app(settings: ServeSettings, services: Services | None = None) -> FastAPI:
+    """The app for ``settings``; ``services`` may be given pre-built (the CLI builds them to
+    report a bad keys file before binding the port)."""
+    services = services or Services.create(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services.start()
+        try:
+            yield
+        finally:
+            log.info("shutting down: finishing running work, draining the store writer")
+            services.close(grace_s=SHUTDOWN_GRACE_S, drain_s=DRAIN_TIMEOUT_S)
+
+    app = FastAPI(
+        title="kvproxy",
+        summary="OpenAI-compatible prefix-caching server",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (chat, completions, models, cache, health, metrics, dashboard):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetricsMiddleware, services=services)
+    return app

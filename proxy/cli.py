@@ -1,0 +1,177 @@
+"""The ``kvproxy`` command: serve, warmup, stats, flush.
+
+Serve options are generated from ``ServeSettings`` so the flags, the ``KVPROXY_*`` variables and
+the settings can never disagree. Only flags the user actually gave are passed on, so a flag beats
+the environment, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+
+from pydantic import ValidationError
+
+from proxy.auth import ApiKeyFileError
+from proxy.cli_client import CliError
+from proxy.settings import ServeSettings
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+_HELP: dict[str, str] = {
+    "model": "HF model id or local path (default: the offline `demo` model)",
+    "served_model_name": "model id clients must send (default: --model as given)",
+    "host": "address to bind (default 127.0.0.1)",
+    "port": "port to bind (default 8000)",
+    "block_size": "tokens per cached block (default 64)",
+    "memory_bytes": "memory tier budget, bytes or 512MiB / 4GiB (default 1GiB)",
+    "disk_dir": "disk tier directory (default: the user cache dir, kvproxy/blocks)",
+    "no_disk": "turn the disk tier off",
+    "disk_bytes": "disk tier cap (default 10GiB)",
+    "redis_url": "redis:// or rediss:// URL of a shared Redis tier (off by default)",
+    "redis_cluster": "the Redis URL names a Redis Cluster",
+    "redis_prefix": "key prefix in Redis (default kvp:v1:)",
+    "redis_ttl": "seconds a Redis block lives, refreshed on hit (default: no TTL)",
+    "store_timeout_ms": "bound on every Redis call (default 200)",
+    "breaker_cooldown_s": "seconds before a tripped Redis breaker retries (default 10)",
+    "max_queue": "requests that may wait for the model before 503 (default 64)",
+    "max_context": "context limit (default: the model's own)",
+    "default_max_tokens": "max_tokens when a request sets none (default 256)",
+    "device": "auto, cpu or cuda",
+    "dtype": "auto, float32, bfloat16 or float16",
+    "api_keys": "file of `KEY TENANT [admin]` lines; turns authentication on",
+}
+
+# The options offline warmup needs to reach the same stores as the server.
+STORE_OPTIONS = (
+    "model",
+    "block_size",
+    "memory_bytes",
+    "disk_dir",
+    "no_disk",
+    "disk_bytes",
+    "redis_url",
+    "redis_cluster",
+    "redis_prefix",
+    "redis_ttl",
+    "store_timeout_ms",
+    "breaker_cooldown_s",
+    "max_context",
+    "device",
+    "dtype",
+)
+
+
+def add_settings_options(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    for name in names:
+        field = ServeSettings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        env = f"KVPROXY_{name.upper()}"
+        help_text = f"{_HELP.get(name, '')} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
+            )
+
+
+def settings_from_args(args: argparse.Namespace, names: Iterable[str]) -> ServeSettings:
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return ServeSettings(**given)
+
+
+def settings_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        flag = "--" + name.replace("_", "-")
+        lines.append(f"{flag} (KVPROXY_{name.upper()}): {str(err['msg']).removeprefix('Value error, ')}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvproxy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    add_settings_options(serve, ServeSettings.model_fields)
+
+    warm = sub.add_parser("warmup", help="prefill prompts into the cache")
+    warm.add_argument("files", nargs="+", metavar="FILE", help="JSONL ({prompt} / {messages}) or text")
+    warm.add_argument("--server", default=None, help="go through this running server")
+    warm.add_argument("--api-key", default=None, help="admin key for --server [env KVPROXY_API_KEY]")
+    warm.add_argument("--tenant", default=None, help="tenant whose namespace is warmed (default: default)")
+    warm.add_argument("--cache-salt", default=None, help="cache_salt to warm under")
+    add_settings_options(warm, STORE_OPTIONS)
+
+    for name, text in (("stats", "show the server's cache figures"), ("flush", "empty every tier")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--server", default=DEFAULT_SERVER, help=f"server URL (default {DEFAULT_SERVER})")
+        p.add_argument("--api-key", default=None, help="admin key [env KVPROXY_API_KEY]")
+    return parser
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("KVPROXY_API_KEY") or None
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import SHUTDOWN_GRACE_S, create_app
+    from proxy.services import Services
+
+    settings = settings_from_args(args, ServeSettings.model_fields)
+    services = Services.create(settings)
+    log = logging.getLogger("kvproxy")
+    if not settings.loopback and services.keys is None:
+        log.warning(
+            "binding %s with no --api-keys: anyone who can reach this port can use the "
+            "model and flush the cache",
+            settings.host,
+        )
+    log.info("loading %s ...", settings.model_name)
+    app = create_app(settings, services)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        from proxy import cli_client, cli_warmup  # only the subcommand in use pays for its imports
+
+        if args.command == "warmup":
+            return cli_warmup.run(args, api_key=_api_key(args))
+        if args.command == "stats":
+            return cli_client.stats(args.server, _api_key(args))
+        return cli_client.flush(args.server, _api_key(args))
+    except ValidationError as exc:
+        print(f"kvproxy: {settings_error(exc)}", file=sys.stderr)
+        return 2
+    except (ApiKeyFileError, CliError) as exc:
+        print(f"kvproxy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

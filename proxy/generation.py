@@ -1,0 +1,171 @@
+"""From a validated OpenAI request to engine work on the model thread, and back to figures.
+
+Tokenizing runs in a helper thread (it can take a while for a long prompt, and the event loop
+must keep answering /health); generation runs on the one model worker. Every finished request is
+counted here, in the metrics and the request log, whichever route it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from model_runner.engine import Engine
+from model_runner.records import Finished, GenerationRequest, TextDelta
+from model_runner.sampling import SamplingParams
+from proxy.errors import ContextLengthExceeded, ServiceUnavailable
+from proxy.metrics import Metrics
+from proxy.request_log import RequestLog, RequestRecord, classify
+from proxy.schemas import ChatMessage, KvproxyUsage, PromptTokensDetails, Usage, _SamplingRequest
+from proxy.worker import JobStream, ModelWorker, QueueFull, WorkerClosed
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished generation: the text (when collected), why it stopped, the usage."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+def usage_from(finished: Finished) -> Usage:
+    report = finished.usage
+    return Usage(
+        prompt_tokens=report.prompt_tokens,
+        completion_tokens=report.completion_tokens,
+        total_tokens=report.prompt_tokens + report.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=report.cached_tokens),
+        kvproxy=KvproxyUsage(
+            cached_by_tier=dict(report.cached_by_tier),
+            ttft_ms=round(report.ttft_s * 1000, 3) if report.ttft_s is not None else None,
+            miss_reason=report.miss_reason,
+            miss_block=report.miss_block,
+            prefilled_tokens=report.prefilled_tokens,
+        ),
+    )
+
+
+def overloaded(exc: QueueFull | WorkerClosed) -> ServiceUnavailable:
+    if isinstance(exc, QueueFull):
+        return ServiceUnavailable(
+            "The server is busy: too many requests are waiting. Retry shortly.",
+            code="queue_full",
+            retry_after_s=1,
+        )
+    return ServiceUnavailable("The server is shutting down.", code="shutting_down", retry_after_s=5)
+
+
+class GenerationService:
+    def __init__(
+        self,
+        engine: Engine,
+        worker: ModelWorker,
+        metrics: Metrics,
+        requests: RequestLog,
+        *,
+        max_context: int,
+        default_max_tokens: int,
+        block_size: int,
+    ) -> None:
+        self.engine = engine
+        self._worker = worker
+        self._metrics = metrics
+        self._requests = requests
+        self.max_context = max_context
+        self._default_max_tokens = default_max_tokens
+        self._block_size = block_size
+
+    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        plain = [{"role": m.role, "content": m.text()} for m in messages]
+        return await asyncio.to_thread(self.engine.encode_chat, plain)
+
+    async def encode_prompt(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.engine.encode_prompt, text)
+
+    def build_request(
+        self, prompt_ids: list[int], body: _SamplingRequest, *, tenant: str
+    ) -> GenerationRequest:
+        """Check the context budget and turn the body into an engine request."""
+        n_prompt = len(prompt_ids)
+        requested = body.requested_max_tokens()
+        param = "max_tokens"
+        if requested is None:
+            # No explicit budget: the default, shortened to what the context leaves.
+            max_tokens = min(self._default_max_tokens, self.max_context - n_prompt)
+            param = "messages" if hasattr(body, "messages") else "prompt"
+        else:
+            max_tokens = requested
+        if n_prompt >= self.max_context or max_tokens < 1 or n_prompt + max_tokens > self.max_context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_context} tokens. However, you "
+                f"requested {n_prompt + max(max_tokens, 1)} tokens ({n_prompt} in the prompt, "
+                f"{max(max_tokens, 1)} for the completion). Shorten the prompt or lower max_tokens.",
+                param=param,
+            )
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stop_sequences(),
+        )
+        return GenerationRequest(
+            prompt_ids=prompt_ids, sampling=sampling, tenant=tenant, cache_salt=body.cache_salt or ""
+        )
+
+    def start(self, request: GenerationRequest) -> JobStream[TextDelta | Finished]:
+        """Queue the generation; raises 503 at once when the queue is full. The caller must
+        ``cancel()`` the stream when it stops reading early (that stops the engine)."""
+        try:
+            return self._worker.submit(lambda cancel: self.engine.generate(request, cancel))
+        except (QueueFull, WorkerClosed) as exc:
+            raise overloaded(exc) from None
+
+    async def run(self, request: GenerationRequest, *, route: str, tenant: str) -> Outcome:
+        """Generate to the end and collect the text."""
+        parts: list[str] = []
+        stream = self.start(request)
+        try:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    usage = self.record(event, route=route, tenant=tenant)
+                    return Outcome("".join(parts), event.finish_reason, usage)
+        except WorkerClosed as exc:
+            raise overloaded(exc) from None
+        finally:
+            stream.cancel()
+        raise ServiceUnavailable("Generation stopped before it finished.", code="generation_aborted")
+
+    def record(self, finished: Finished, *, route: str, tenant: str) -> Usage:
+        """Count a finished generation in the metrics and the request log; returns its usage."""
+        report = finished.usage
+        cache = classify(report.prompt_tokens, report.cached_tokens, self._block_size, report.miss_reason)
+        self._metrics.observe_generation(
+            prompt_tokens=report.prompt_tokens,
+            cached_by_tier=report.cached_by_tier,
+            cache=cache,
+            ttft_s=report.ttft_s,
+        )
+        self._requests.add(
+            RequestRecord(
+                at=time.time(),
+                route=route,
+                tenant=tenant,
+                prompt_tokens=report.prompt_tokens,
+                cached_tokens=report.cached_tokens,
+                completion_tokens=report.completion_tokens,
+                cached_by_tier=dict(report.cached_by_tier),
+                cache=cache,
+                miss_reason=report.miss_reason,
+                miss_block=report.miss_block,
+                ttft_ms=round(report.ttft_s * 1000, 3) if report.ttft_s is not None else None,
+                finish_reason=finished.finish_reason,
+            )
+        )
+        return usage_from(finished)

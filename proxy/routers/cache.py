@@ -1,0 +1,113 @@
+"""Admin routes: GET /v1/cache/stats, DELETE /v1/cache, POST /v1/cache/warmup."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from proxy.body import json_body
+from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
+from proxy.errors import InvalidRequest
+from proxy.generation import overloaded
+from proxy.schemas import WarmupRequest
+from proxy.worker import QueueFull, WorkerClosed
+
+router = APIRouter()
+
+_DRAIN_TIMEOUT_S = 120.0
+_QUEUE_RETRY_S = 60.0
+
+
+@router.get("/v1/cache/stats")
+async def cache_stats(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
+    tiers = await asyncio.to_thread(runtime.tier_stats)
+    settings = services.settings
+    summary = services.requests.summary()
+    tier_json: dict[str, Any] = {}
+    for name, st in tiers.items():
+        lookups = st.hits + st.misses
+        tier_json[name] = {
+            **asdict(st),
+            "hit_rate": st.hits / lookups if lookups else 0.0,
+            "cached_tokens": summary["cached_tokens_by_tier"].get(name, 0),
+        }
+    worker = services.worker.stats()
+    return {
+        "model": settings.model_name,
+        "block_size": settings.block_size,
+        "cacheable": runtime.cacheable,
+        "uptime_s": round(time.time() - services.started_at, 1),
+        "tiers": tier_json,
+        "locked_blocks": runtime.locked_blocks(),
+        "writer": runtime.writer_stats(),
+        "queue": asdict(worker),
+        **summary,
+    }
+
+
+@router.delete("/v1/cache")
+async def flush_cache(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
+    # On the model thread: a flush must not interleave with a running prefill's store calls.
+    try:
+        removed = await services.worker.call(lambda _cancel: runtime.clear())
+    except (QueueFull, WorkerClosed) as exc:
+        raise overloaded(exc) from None
+    return {"deleted": removed, "tiers": list(services.settings.tiers)}
+
+
+@router.post("/v1/cache/warmup")
+async def warmup(
+    principal: AdminDep,
+    services: ServicesDep,
+    runtime: RuntimeDep,
+    generation: GenerationDep,
+    body: Annotated[WarmupRequest, Depends(json_body(WarmupRequest))],
+) -> dict[str, Any]:
+    tenant = body.tenant or principal.tenant
+    salt = body.cache_salt or ""
+    started = time.perf_counter()
+    totals = {"prompts": 0, "tokens": 0, "blocks_written": 0, "already_cached": 0}
+    for index, item in enumerate(body.items):
+        if item.messages is not None:
+            ids = await generation.encode_chat(item.messages)
+        else:
+            ids = await generation.encode_prompt(item.prompt or "")
+        if len(ids) >= generation.max_context:
+            raise InvalidRequest(
+                f"items[{index}] is longer than the model's context ({generation.max_context} tokens).",
+                param=f"items[{index}]",
+                code="context_length_exceeded",
+            )
+        result = await _on_worker(
+            services, lambda _c, ids=ids: runtime.engine.warmup(ids, tenant=tenant, cache_salt=salt)
+        )
+        totals["prompts"] += 1
+        totals["tokens"] += len(ids)
+        totals["blocks_written"] += result.blocks_written
+        totals["already_cached"] += result.blocks_cached
+    # Answer only once every tier holds the blocks (the lower tiers are written in the background).
+    drained = await asyncio.to_thread(runtime.drain, _DRAIN_TIMEOUT_S)
+    return {
+        **totals,
+        "tenant": tenant,
+        "drained": drained,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+async def _on_worker(services: ServicesDep, work: Any) -> Any:
+    """Warmup shares the model thread with live traffic: wait for a queue slot rather than fail."""
+    deadline = time.monotonic() + _QUEUE_RETRY_S
+    while True:
+        try:
+            return await services.worker.call(work)
+        except QueueFull as exc:
+            if time.monotonic() > deadline:
+                raise overloaded(exc) from None
+            await asyncio.sleep(0.05)
+        except WorkerClosed as exc:
+            raise overloaded(exc) from None

@@ -1,0 +1,49 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from proxy.body import json_body
+from proxy.deps import GenerationDep, PrincipalDep, ServicesDep
+from proxy.routers.chat import SSE_HEADERS, check_model
+from proxy.schemas import Completion, CompletionChoice, CompletionRequest
+from proxy.streaming import StreamMeta, stream_sse
+
+router = APIRouter()
+ROUTE = "/v1/completions"
+
+
+@router.post(ROUTE, response_model=None)
+async def completions(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
+    generation: GenerationDep,
+) -> Completion | StreamingResponse:
+    check_model(services, body.model)
+    prompt_ids = await generation.encode_prompt(body.prompt_text())
+    request = generation.build_request(prompt_ids, body, tenant=principal.tenant)
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        meta = StreamMeta(
+            "completion", completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant
+        )
+        stream = generation.start(request)
+        return StreamingResponse(
+            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    outcome = await generation.run(request, route=ROUTE, tenant=principal.tenant)
+    return Completion(
+        id=completion_id,
+        created=created,
+        model=body.model,
+        choices=[CompletionChoice(text=outcome.text, finish_reason=outcome.finish_reason)],
+        usage=outcome.usage,
+    )

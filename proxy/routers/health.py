@@ -1,0 +1,55 @@
+"""GET /health: 503 while the model loads, then 200 with per-tier state ("degraded" when a tier
+is down). Open to everyone, so it shows no secrets: the Redis URL is redacted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from proxy.deps import ServicesDep
+from proxy.settings import redact_url
+
+router = APIRouter()
+
+# /health must answer fast even while a prefill keeps the machine busy: a tier that does not
+# report in time is shown with its last known state.
+_TIER_TIMEOUT_S = 0.15
+
+
+@router.get("/health")
+async def health(services: ServicesDep) -> JSONResponse:
+    settings = services.settings
+    body: dict[str, Any] = {"status": services.state, "model": settings.model_name}
+    runtime = services.runtime
+    if services.state != "ready" or runtime is None:
+        if services.load_error:
+            body["error"] = "the model failed to load; see the server log"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+    try:
+        tiers = await asyncio.wait_for(asyncio.to_thread(runtime.tier_stats), _TIER_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        tiers = runtime.last_tier_stats
+    tier_state: dict[str, Any] = {}
+    for name, stats in tiers.items():
+        state: dict[str, Any] = {"healthy": stats.healthy and stats.breaker != "open"}
+        if stats.breaker is not None:
+            state["breaker"] = stats.breaker
+        if name == "redis" and settings.redis_url:
+            state["url"] = redact_url(settings.redis_url)
+            state["prefix"] = settings.redis_prefix
+        tier_state[name] = state
+    degraded = any(not s["healthy"] for s in tier_state.values())
+    worker = services.worker.stats()
+    body.update(
+        status="degraded" if degraded else "ok",
+        device=runtime.device,
+        dtype=runtime.dtype,
+        block_size=settings.block_size,
+        cacheable=runtime.cacheable,
+        tiers=tier_state,
+        queue={"waiting": worker.queued, "max": worker.max_queue, "busy": worker.busy},
+    )
+    return JSONResponse(body)

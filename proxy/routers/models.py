@@ -1,0 +1,27 @@
+"""GET /v1/models and /v1/models/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from proxy.deps import PrincipalDep, ServicesDep
+from proxy.errors import ModelNotFound
+from proxy.schemas import ModelCard, ModelList
+
+router = APIRouter()
+
+
+def _card(services: ServicesDep) -> ModelCard:
+    return ModelCard(id=services.settings.model_name, created=int(services.started_at))
+
+
+@router.get("/v1/models")
+async def list_models(_: PrincipalDep, services: ServicesDep) -> ModelList:
+    return ModelList(data=[_card(services)])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, _: PrincipalDep, services: ServicesDep) -> ModelCard:
+    if model_id != services.settings.model_name:
+        raise ModelNotFound(f"The model '{model_id[:200]}' does not exist on this server.", param="model")
+    return _card(services)

@@ -1,0 +1,120 @@
+"""The loaded model and its cache, behind the few calls the routes and the CLI make.
+
+This is the one place where the proxy touches model_runner's loader and cache factory, so the
+server and the offline warmup always build the same stores the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cache_store.prefix_cache import PrefixCache
+from cache_store.store import StoreStats
+from model_runner.cache_factory import StoreOptions, build_prefix_cache
+from model_runner.engine import Engine
+from model_runner.loading import load_model
+from model_runner.records import WarmupResult
+from proxy.metrics import Metrics, TierFigures
+from proxy.settings import ServeSettings
+
+log = logging.getLogger("kvproxy")
+
+
+def store_options(settings: ServeSettings) -> StoreOptions:
+    return StoreOptions(
+        memory_bytes=settings.memory_bytes,
+        disk_dir=None if settings.no_disk else settings.disk_dir,
+        disk_bytes=settings.disk_bytes,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+        redis_ttl_s=settings.redis_ttl,
+        redis_cluster=settings.redis_cluster,
+        store_timeout_ms=settings.store_timeout_ms,
+        breaker_cooldown_s=settings.breaker_cooldown_s,
+    )
+
+
+@dataclass
+class Runtime:
+    engine: Engine
+    cache: PrefixCache | None
+    block_size: int
+    last_tier_stats: dict[str, StoreStats] = field(default_factory=dict)
+    """The latest figures, for /health when a tier is too slow to answer right now."""
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.loaded.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.engine.loaded.dtype).removeprefix("torch.")
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def cacheable(self) -> bool:
+        return self.engine.caching
+
+    def tier_stats(self) -> dict[str, StoreStats]:
+        """Every tier's figures (may call Redis: never on the event loop)."""
+        stats = self.cache.store.stats() if self.cache is not None else {}
+        self.last_tier_stats = stats
+        return stats
+
+    def tier_figures(self) -> dict[str, TierFigures]:
+        return {
+            name: TierFigures(st.blocks, st.bytes, st.evictions) for name, st in self.tier_stats().items()
+        }
+
+    def locked_blocks(self) -> int:
+        return len(self.cache.trie.locked_blocks()) if self.cache is not None else 0
+
+    def writer_stats(self) -> dict[str, Any]:
+        return asdict(self.cache.store.writer_stats()) if self.cache is not None else {}
+
+    def warmup(self, prompt_ids: list[int], *, tenant: str, cache_salt: str) -> dict[str, int]:
+        """Prefill and store one prompt (worker thread); its figures for the warmup summary."""
+        result: WarmupResult = self.engine.warmup(prompt_ids, tenant=tenant, cache_salt=cache_salt)
+        return {
+            "prompts": 1,
+            "tokens": result.prompt_tokens,
+            "blocks_written": result.stored_blocks,
+            "already_cached": math.ceil(result.cached_tokens / self.block_size),
+        }
+
+    def clear(self) -> int:
+        """Empty every tier (Redis: only our prefix). Run on the model thread, between requests."""
+        if self.cache is None:
+            return 0
+        removed = self.cache.store.clear()
+        self.cache.trie.clear()
+        return removed
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until the background writer has put every queued block into its tiers."""
+        return self.cache.store.drain(timeout_s) if self.cache is not None else True
+
+    def close(self, *, drain_s: float) -> None:
+        if self.cache is not None:
+            self.cache.store.close(timeout_s=drain_s)
+
+
+def build_runtime(settings: ServeSettings, metrics: Metrics | None) -> Runtime:
+    """Load the model and build its cache (slow: run it off the event loop)."""
+    loaded = load_model(
+        settings.model, device=settings.device, dtype=settings.dtype, max_context=settings.max_context
+    )
+    cache: PrefixCache | None = None
+    if loaded.cacheable:
+        observer = metrics.observe_store if metrics is not None else None
+        cache = build_prefix_cache(store_options(settings), settings.block_size, observer=observer)
+    else:
+        log.warning("prefix caching is off for %s: %s", settings.model_name, loaded.cache_reason)
+    engine = Engine(loaded, cache, settings.block_size)
+    return Runtime(engine=engine, cache=cache, block_size=settings.block_size)

@@ -1,0 +1,100 @@
+"""The one typed container of everything the routes need, built in the app lifespan.
+
+The model loads in a background thread so the server answers /health (503, "loading") during a
+slow load; routes that need the model get a 503 + Retry-After until it is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from proxy.auth import KeyTable
+from proxy.errors import ServiceUnavailable
+from proxy.generation import GenerationService
+from proxy.metrics import Metrics
+from proxy.request_log import RequestLog
+from proxy.runtime import Runtime, build_runtime
+from proxy.settings import ServeSettings
+from proxy.worker import ModelWorker
+
+log = logging.getLogger("kvproxy")
+
+LoadState = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class Services:
+    settings: ServeSettings
+    metrics: Metrics
+    keys: KeyTable | None
+    worker: ModelWorker
+    requests: RequestLog = field(default_factory=RequestLog)
+    started_at: float = field(default_factory=time.time)
+    state: LoadState = "loading"
+    load_error: str | None = None
+    runtime: Runtime | None = None
+    generation: GenerationService | None = None
+    _loader: threading.Thread | None = None
+
+    @classmethod
+    def create(cls, settings: ServeSettings) -> Services:
+        keys = KeyTable.from_file(settings.api_keys) if settings.api_keys else None
+        return cls(settings=settings, metrics=Metrics(), keys=keys, worker=ModelWorker(settings.max_queue))
+
+    def start(self) -> None:
+        self.worker.start()
+        self._loader = threading.Thread(target=self._load, name="kvproxy-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            runtime = build_runtime(self.settings, self.metrics)
+        except Exception as exc:
+            log.exception("model load failed")
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
+            self.state = "failed"
+            return
+        self.generation = GenerationService(
+            runtime.engine,
+            self.worker,
+            self.metrics,
+            self.requests,
+            max_context=runtime.max_context,
+            default_max_tokens=self.settings.default_max_tokens,
+            block_size=self.settings.block_size,
+        )
+        self.metrics.watch_tiers(runtime.tier_figures)
+        # Publish last: a reader that sees "ready" finds everything in place.
+        self.runtime = runtime
+        self.state = "ready"
+        log.info(self.settings.summary(device=runtime.device, dtype=runtime.dtype))
+
+    def wait_loaded(self, timeout_s: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout_s)
+        return self.state == "ready"
+
+    def ready(self) -> tuple[Runtime, GenerationService]:
+        runtime, generation = self.runtime, self.generation
+        if self.state == "failed":
+            raise ServiceUnavailable(
+                "The model failed to load; see the server log.", code="model_failed", retry_after_s=30
+            )
+        if runtime is None or generation is None:
+            raise ServiceUnavailable("The model is still loading.", code="model_loading", retry_after_s=2)
+        return runtime, generation
+
+    def close(self, *, grace_s: float = 10.0, drain_s: float = 10.0) -> None:
+        """SIGTERM path: stop taking work, let the running job finish (bounded), drain the
+        background writer (bounded), close the stores."""
+        stopped = self.worker.close(grace_s=grace_s)
+        if not stopped:
+            log.warning("the model worker did not stop within %.0fs", grace_s)
+        if self._loader is not None and self._loader.is_alive():
+            self._loader.join(timeout=1.0)
+        if self.runtime is not None:
+            self.runtime.close(drain_s=drain_s)
