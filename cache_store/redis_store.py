@@ -1,0 +1,275 @@
+"""The Redis tier: block records shared by every replica, one key per block.
+
+Key layout: ``<prefix><block hash as lowercase hex>``; the value is the record, untouched. Reads
+are one MGET (per hash slot in cluster mode), writes one pipeline. Every call is bounded by
+``timeout_ms`` (socket connect and read timeouts, no retry that could multiply them) and goes
+through a ``CircuitBreaker``: a down, slow or full Redis becomes misses, counted as errors, and
+after a few failures no network call is even attempted until the cooldown has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
+
+from cache_store.breaker import CircuitBreaker
+from cache_store.store import Buffer, StoreStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CLEAR_BATCH = 500
+_BREAKER_FAILURES = 3
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for logs, /health and repr)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable redis url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class RedisStore:
+    """Block records in Redis (standalone or Cluster) under ``prefix``."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "kvp:v1:",
+        ttl_s: int | None = None,
+        timeout_ms: int = 200,
+        breaker_cooldown_s: float = 10.0,
+        cluster: bool = False,
+    ) -> None:
+        if not url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"redis url must start with redis:// or rediss://, got {redact_url(url)}")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+        self._url = url
+        self.redacted_url = redact_url(url)
+        self._password = urlsplit(url).password
+        self.prefix = prefix
+        self._prefix_bytes = prefix.encode()
+        self.ttl_s = ttl_s
+        self.timeout_ms = timeout_ms
+        self.cluster = cluster
+        self.breaker = CircuitBreaker(failure_threshold=_BREAKER_FAILURES, cooldown_s=breaker_cooldown_s)
+        self._lock = threading.Lock()
+        self._client: redis.Redis | RedisCluster | None = None
+        self._hits = 0
+        self._misses = 0
+        self._puts = 0
+        self._errors: dict[str, int] = {}
+        self._last_ok = True
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def key(self, block_hash: bytes) -> bytes:
+        """The Redis key of a block."""
+        return self._prefix_bytes + block_hash.hex().encode()
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | bytearray | None]:
+        if not keys:
+            return []
+        rkeys = [self.key(k) for k in keys]
+        values = self._call("get", lambda client: self._mget(client, rkeys))
+        if values is None:
+            values = [None] * len(keys)
+        hit_keys = [rk for rk, v in zip(rkeys, values, strict=True) if v is not None]
+        with self._lock:
+            self._hits += len(hit_keys)
+            self._misses += len(keys) - len(hit_keys)
+        if hit_keys and self.ttl_s is not None:
+            # Best effort, after the read: a failed refresh never turns a hit into a miss.
+            self._call("expire", lambda client: self._expire(client, hit_keys))
+        return values
+
+    def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> int:
+        if not items:
+            return 0
+
+        def write(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(self.key(key), value, ex=self.ttl_s)
+            return sum(1 for ok in pipe.execute() if ok)
+
+        stored = self._call("put", write) or 0
+        with self._lock:
+            self._puts += stored
+        return stored
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+
+        def exists(client: Any) -> list[bool]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self.key(key))
+            return [bool(n) for n in pipe.execute()]
+
+        found = self._call("contains", exists)
+        return found if found is not None else [False] * len(keys)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        rkeys = [self.key(k) for k in keys]
+        return self._call("delete", lambda client: int(client.unlink(*rkeys))) or 0
+
+    def clear(self) -> int:
+        """Delete every key under this store's prefix (SCAN + UNLINK; never FLUSHDB)."""
+        pattern = _glob_escape(self.prefix) + "*"
+
+        def scan_and_unlink(client: Any) -> int:
+            removed = 0
+            batch: list[bytes] = []
+            for rkey in client.scan_iter(match=pattern, count=1000):
+                batch.append(rkey)
+                if len(batch) >= _CLEAR_BATCH:
+                    removed += int(client.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(client.unlink(*batch))
+            return removed
+
+        return self._call("clear", scan_and_unlink) or 0
+
+    def stats(self) -> StoreStats:
+        """Counters of this process's calls; block and byte counts are not tracked for a shared
+        server (0), since counting keys under a prefix would cost a full SCAN."""
+        state = self.breaker.state
+        with self._lock:
+            return StoreStats(
+                name=self.name,
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                errors=dict(self._errors),
+                healthy=self._last_ok and state == "closed",
+                breaker=state,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception as exc:  # closing a broken connection must not fail shutdown
+                log.debug("redis close failed: %s", self._scrub(exc))
+
+    def __repr__(self) -> str:
+        return f"RedisStore(url={self.redacted_url!r}, prefix={self.prefix!r}, cluster={self.cluster})"
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _call(self, op: str, fn: Callable[[Any], T]) -> T | None:
+        """Run ``fn(client)`` under the breaker; ``None`` when skipped or failed (counted)."""
+        if not self.breaker.allow():
+            return None
+        try:
+            result = fn(self._get_client())
+        except Exception as exc:  # any fault of a remote cache is a miss, never the caller's error
+            was_open = self.breaker.state == "open"
+            self.breaker.record_failure()
+            with self._lock:
+                self._errors[op] = self._errors.get(op, 0) + 1
+                self._last_ok = False
+            if not was_open and self.breaker.state == "open":
+                log.warning(
+                    "redis %s unavailable (%s); circuit open for %.1fs",
+                    self.redacted_url,
+                    self._scrub(exc),
+                    self.breaker.cooldown_s,
+                )
+            else:
+                log.debug("redis %s failed: %s", op, self._scrub(exc))
+            return None
+        self.breaker.record_success()
+        with self._lock:
+            self._last_ok = True
+        return result
+
+    def _get_client(self) -> redis.Redis | RedisCluster:
+        with self._lock:
+            if self._client is not None:
+                return self._client
+        timeout = self.timeout_ms / 1000.0
+        if self.cluster:
+            # Built lazily: RedisCluster talks to the nodes in its constructor, which must not
+            # raise out of ours. No cluster-level retries: each one could cost another timeout.
+            client: redis.Redis | RedisCluster = RedisCluster.from_url(
+                self._url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        else:
+            client = redis.Redis.from_url(
+                self._url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                # One immediate retry on a dropped connection only (a pooled socket the server
+                # closed, e.g. after a restart); never on a timeout, which would double the bound.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+                retry_on_timeout=False,
+                health_check_interval=0,
+            )
+        with self._lock:
+            if self._client is None:
+                self._client = client
+                return client
+            winner = self._client
+        client.close()
+        return winner
+
+    def _mget(self, client: Any, rkeys: list[bytes]) -> list[bytes | None]:
+        if self.cluster:
+            return client.mget_nonatomic(rkeys)
+        return client.mget(rkeys)
+
+    def _expire(self, client: Any, rkeys: list[bytes]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for rkey in rkeys:
+            pipe.expire(rkey, self.ttl_s)
+        pipe.execute(raise_on_error=False)
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis glob metacharacters so a prefix matches only itself."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
