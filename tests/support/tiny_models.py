@@ -142,7 +142,7 @@ TINY_MODELS: MappingProxyType[str, Callable[[int], PretrainedConfig]] = MappingP
 """Name -> config factory (taking the tokenizer's vocabulary size)."""
 
 
-def init_weights(model: torch.nn.Module, *, seed: int, std: float = 0.08, head_std: float = 1.0) -> None:
+def init_weights(model: torch.nn.Module, *, seed: int, std: float = 0.08, head_std: float = 0.3) -> None:
     """Deterministic weights: norms at 1, biases at 0, the rest normal(0, std); the LM head wider."""
     gen = torch.Generator().manual_seed(seed)
     head = model.get_output_embeddings()
