@@ -8,8 +8,9 @@ counted here, in the metrics and the request log, whichever route it came from.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from model_runner.engine import Engine
@@ -20,6 +21,24 @@ from proxy.metrics import Metrics
 from proxy.request_log import RequestLog, RequestRecord, classify
 from proxy.schemas import ChatMessage, KvproxyUsage, PromptTokensDetails, Usage, _SamplingRequest
 from proxy.worker import JobStream, ModelWorker, QueueFull, WorkerClosed
+
+
+class CancelledCounter:
+    """Generations stopped because their client went away (counted on the worker thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.completion_tokens = 0
+
+    def add(self, completion_tokens: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.completion_tokens += completion_tokens
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"requests": self.requests, "completion_tokens": self.completion_tokens}
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ class GenerationService:
         self.max_context = max_context
         self._default_max_tokens = default_max_tokens
         self._block_size = block_size
+        self.cancelled = CancelledCounter()
 
     async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         plain = [{"role": m.role, "content": m.text()} for m in messages]
@@ -121,9 +141,18 @@ class GenerationService:
         """Queue the generation; raises 503 at once when the queue is full. The caller must
         ``cancel()`` the stream when it stops reading early (that stops the engine)."""
         try:
-            return self._worker.submit(lambda cancel: self.engine.generate(request, cancel))
+            return self._worker.submit(lambda cancel: self._generate(request, cancel))
         except (QueueFull, WorkerClosed) as exc:
             raise overloaded(exc) from None
+
+    def _generate(
+        self, request: GenerationRequest, cancel: threading.Event
+    ) -> Iterator[TextDelta | Finished]:
+        # Worker thread. A cancelled generation has no reader left to count it, so count it here.
+        for event in self.engine.generate(request, cancel):
+            if isinstance(event, Finished) and event.finish_reason == "cancelled":
+                self.cancelled.add(event.usage.completion_tokens)
+            yield event
 
     async def run(self, request: GenerationRequest, *, route: str, tenant: str) -> Outcome:
         """Generate to the end and collect the text."""

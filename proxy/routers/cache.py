@@ -23,7 +23,9 @@ _QUEUE_RETRY_S = 60.0
 
 
 @router.get("/v1/cache/stats")
-async def cache_stats(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
+async def cache_stats(
+    _: AdminDep, services: ServicesDep, runtime: RuntimeDep, generation: GenerationDep
+) -> dict[str, Any]:
     tiers = await asyncio.to_thread(runtime.tier_stats)
     settings = services.settings
     summary = services.requests.summary()
@@ -45,6 +47,7 @@ async def cache_stats(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -
         "locked_blocks": runtime.locked_blocks(),
         "writer": runtime.writer_stats(),
         "queue": asdict(worker),
+        "cancelled": generation.cancelled.snapshot(),
         **summary,
     }
 

@@ -1,0 +1,118 @@
+"""Serving under load: /health stays fast during a long prefill, a client that disconnects
+mid-stream stops its generation and leaves no locked blocks, a full queue answers 503."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.proxy.conftest import MAX_CONTEXT, ServerFactory
+from tests.proxy.helpers import chat_body, salt, text
+from tests.proxy.server import KvproxyServer
+
+
+def _stats(server: KvproxyServer) -> dict[str, Any]:
+    return httpx.get(server.url + "/v1/cache/stats", timeout=10).json()
+
+
+def _long_prompt(seed: int) -> str:
+    """Close to the 1024-token context: about 970 tokens of prefill (~2.9 tokens a word)."""
+    return text(seed=seed, words=330)
+
+
+def test_health_answers_fast_during_long_prefill(server: KvproxyServer) -> None:
+    done = threading.Event()
+
+    def long_requests() -> None:
+        try:
+            for i in range(4):
+                body = {
+                    "model": "demo",
+                    "prompt": _long_prompt(40 + i),
+                    "max_tokens": 1,
+                    "cache_salt": salt(),
+                }
+                resp = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+                assert resp.status_code == 200, resp.text
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=long_requests)
+    worker.start()
+    latencies, busy_samples = [], 0
+    with httpx.Client(timeout=5) as client:
+        while not done.is_set():
+            started = time.perf_counter()
+            resp = client.get(server.url + "/health")
+            latencies.append(time.perf_counter() - started)
+            assert resp.status_code == 200
+            busy_samples += resp.json()["queue"]["busy"]
+            time.sleep(0.02)
+    worker.join()
+    assert busy_samples >= 3, "the prefill finished before /health could be sampled during it"
+    assert max(latencies) < 0.2, f"slowest /health took {max(latencies) * 1000:.0f} ms"
+
+
+def test_disconnect_mid_stream_stops_generation(server: KvproxyServer) -> None:
+    prompt, cache_salt = text(seed=50, words=60), salt()
+    # A first request caches the prefix, so the streamed one holds locked blocks while it runs.
+    warm = httpx.post(
+        server.url + "/v1/chat/completions", json=chat_body(prompt, cache_salt=cache_salt), timeout=60
+    )
+    assert warm.status_code == 200
+    before = _stats(server)["cancelled"]["requests"]
+    body = chat_body(
+        prompt, cache_salt=cache_salt, max_tokens=MAX_CONTEXT - 300, temperature=1.0, seed=1, stream=True
+    )
+    locked_mid_stream = 0
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", server.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status_code == 200
+        chunks = 0
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks += 1
+            if chunks == 3:
+                locked_mid_stream = _stats(server)["locked_blocks"]
+            if chunks >= 4:
+                break  # leaving the block closes the connection mid-stream
+    assert locked_mid_stream > 0, "the streamed request should hold its cached blocks while it runs"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = _stats(server)
+        if stats["cancelled"]["requests"] > before and not stats["queue"]["busy"]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the generation did not stop after the client disconnected")
+    assert stats["locked_blocks"] == 0
+    assert stats["cancelled"]["completion_tokens"] < MAX_CONTEXT - 300
+
+
+def test_full_queue_answers_503_with_retry_after(server_factory: ServerFactory) -> None:
+    small = server_factory("--no-disk", "--max-queue", "2")
+    body = {"model": "demo", "prompt": text(seed=60, words=120), "max_tokens": 16, "temperature": 0}
+
+    def send(i: int) -> httpx.Response:
+        return httpx.post(
+            small.url + "/v1/completions", json={**body, "cache_salt": f"burst-{i}"}, timeout=120
+        )
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(send, range(10)))
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    assert set(statuses) == {200, 503}
+    for resp in responses:
+        if resp.status_code == 503:
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert resp.json()["error"]["code"] == "queue_full"
+    # Still serving afterwards.
+    assert httpx.post(small.url + "/v1/completions", json=body, timeout=60).status_code == 200
