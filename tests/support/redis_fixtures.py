@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _START_HINT = (
@@ -108,9 +110,13 @@ class RedisServer:
                 log = self._log_tail()
                 pytest.fail(f"redis-server on port {self.port} exited at start: {err}{log}", pytrace=False)
             try:
-                with self.client(socket_connect_timeout=0.2) as client:
+                # No client-side retries: redis-py's default backoff would sleep for seconds
+                # while the server is still binding its port.
+                with self.client(socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)) as client:
                     client.ping()
                 return self
+            except (redis.AuthenticationError, redis.ResponseError):
+                return self  # it answers; it just wants a password (--requirepass)
             except redis.RedisError:
                 time.sleep(0.02)
         self.kill()
