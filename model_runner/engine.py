@@ -134,6 +134,8 @@ class Engine:
             past = self._restore(hit, cached)
             if cancel is not None and cancel.is_set():
                 usage = self._usage(prompt, [], cached, hit, started, None)
+                if hit is not None:
+                    hit.release()
                 yield Finished("cancelled", usage)
                 return
             logits = self._forward(prompt[cached:], past, cached)  # [vocab]
@@ -177,7 +179,10 @@ class Engine:
             fed = past.get_seq_length()
             all_ids = prompt + generated
             self._store_new_blocks(namespace, all_ids[:fed], past, first_block=len(prompt) // self.block_size)
-            yield Finished(finish, self._usage(prompt, generated, cached, hit, started, first_token_at))
+            usage = self._usage(prompt, generated, cached, hit, started, first_token_at)
+            if hit is not None:
+                hit.release()  # before the last yield: a consumer may stop reading at Finished
+            yield Finished(finish, usage)
         finally:
             if hit is not None:
                 hit.release()

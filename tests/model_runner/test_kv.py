@@ -1,0 +1,108 @@
+"""Blocks <-> DynamicCache: slicing, restoring, cropping inside a block, and the codec between."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig
+
+from cache_store.codec import BlockKV, decode_block, encode_block
+from cache_store.hashing import block_hashes, namespace_hash, parent_hashes
+from model_runner import kv
+from model_runner.loading import LoadedModel
+from tests.model_runner.conftest import base_tokens
+
+CPU = torch.device("cpu")
+
+
+def _filled(loaded: LoadedModel, ids: list[int]) -> DynamicCache:
+    past = DynamicCache(config=loaded.model.config)
+    with torch.inference_mode():
+        loaded.model(torch.tensor([ids]), past_key_values=past, use_cache=True)
+    return past
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("n_tokens", [4, 9, 12])
+def test_slice_encode_decode_restore_round_trip(
+    kind: str, n_tokens: int, load_tiny: Callable[[str], LoadedModel]
+) -> None:
+    loaded = load_tiny(kind)
+    ids = base_tokens(loaded, 12)
+    past = _filled(loaded, ids)
+    namespace = namespace_hash(model_fingerprint="x", block_size=4, tenant="t")
+    hashes = block_hashes(ids, 4, namespace)
+    sliced = kv.slice_blocks(past, 0, 3, 4)
+    shapes = kv.layer_shapes(past, 4)
+    blocks = []
+    for i, ((keys, values), parent) in enumerate(zip(sliced, parent_hashes(hashes, namespace), strict=True)):
+        assert all(
+            k.is_contiguous() and k.device.type == "cpu" and k.shape == s[0]
+            for k, (s) in zip(keys, shapes, strict=True)
+        )
+        record = encode_block(
+            namespace=namespace,
+            parent=parent,
+            block_hash=hashes[i],
+            token_ids=ids[i * 4 : i * 4 + 4],
+            keys=keys,
+            values=values,
+        )
+        blocks.append(
+            decode_block(
+                bytes(record),
+                namespace=namespace,
+                parent=parent,
+                block_hash=hashes[i],
+                token_ids=ids[i * 4 : i * 4 + 4],
+                dtype=torch.float32,
+                layer_shapes=shapes,
+            )
+        )
+    restored = kv.build_cache(loaded.model.config, blocks, n_tokens, CPU)
+    assert restored.get_seq_length() == n_tokens
+    for original, layer in zip(past.layers, restored.layers, strict=True):
+        assert torch.equal(layer.keys, original.keys[:, :, :n_tokens])
+        assert torch.equal(layer.values, original.values[:, :, :n_tokens])
+
+
+def test_slices_are_copies(load_tiny: Callable[[str], LoadedModel]) -> None:
+    loaded = load_tiny("llama")
+    past = _filled(loaded, base_tokens(loaded, 8))
+    (keys, _), _ = kv.slice_blocks(past, 0, 2, 4)
+    keys[0].zero_()
+    assert past.layers[0].keys.abs().sum() > 0
+
+
+def test_out_of_range_requests_are_errors(load_tiny: Callable[[str], LoadedModel]) -> None:
+    loaded = load_tiny("llama")
+    past = _filled(loaded, base_tokens(loaded, 8))
+    with pytest.raises(kv.CacheLayoutError):
+        kv.slice_blocks(past, 1, 2, 4)  # tokens 4..12 of an 8-token cache
+    (keys, values) = kv.slice_blocks(past, 0, 1, 4)[0]
+    block = BlockKV(block_hash=b"h", parent=b"p", token_ids=(1, 2, 3, 4), keys=keys, values=values)
+    with pytest.raises(kv.CacheLayoutError, match="5 tokens"):
+        kv.build_cache(loaded.model.config, [block], 5, CPU)
+    short = BlockKV(block_hash=b"h", parent=b"p", token_ids=(1, 2, 3, 4), keys=keys[:1], values=values[:1])
+    with pytest.raises(kv.CacheLayoutError, match="layers"):
+        kv.build_cache(loaded.model.config, [short], 4, CPU)
+    assert kv.build_cache(loaded.model.config, [], 0, CPU).get_seq_length() == 0
+
+
+def test_storable_range_follows_a_sliding_window() -> None:
+    config = MistralConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=6,
+        vocab_size=50,
+    )
+    past = DynamicCache(config=config)
+    past.update(torch.zeros(1, 1, 10, 16), torch.zeros(1, 1, 10, 16), 0)
+    assert kv.storable_range(past) == (5, 10)  # the layer keeps the last window - 1 tokens
+    with pytest.raises(kv.CacheLayoutError):
+        kv.slice_blocks(past, 0, 1, 4)
