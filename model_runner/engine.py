@@ -139,7 +139,9 @@ class Engine:
                 yield Finished("cancelled", usage)
                 return
             logits = self._forward(prompt[cached:], past, cached)  # [vocab]
-            self._store_new_blocks(namespace, prompt, past, first_block=len(hit.blocks) if hit else 0)
+            # The prompt's new blocks are stored right after the first delta went out, so the
+            # store never delays the first token; the generated ones at the end.
+            stored_blocks = len(hit.blocks) if hit is not None else 0
 
             generator = make_generator(params.seed, self._device)
             detok = IncrementalDetokenizer(self._tokenizer, prompt)
@@ -164,6 +166,8 @@ class Engine:
                 if text:
                     yield TextDelta(text, tuple(unsent))
                     unsent = []
+                    if stored_blocks < len(prompt) // self.block_size:
+                        stored_blocks += self._store_prompt_blocks(namespace, prompt, past, stored_blocks)
                 if len(generated) >= params.max_tokens:
                     finish = "length"
                     break
@@ -178,7 +182,7 @@ class Engine:
             # Only tokens whose K/V are in `past` (the last sampled token was never fed).
             fed = past.get_seq_length()
             all_ids = prompt + generated
-            self._store_new_blocks(namespace, all_ids[:fed], past, first_block=len(prompt) // self.block_size)
+            self._store_new_blocks(namespace, all_ids[:fed], past, first_block=stored_blocks)
             usage = self._usage(prompt, generated, cached, hit, started, first_token_at)
             if hit is not None:
                 hit.release()  # before the last yield: a consumer may stop reading at Finished
@@ -251,6 +255,14 @@ class Engine:
             logits_to_keep=1,
         )
         return out.logits[0, -1]  # [vocab]
+
+    def _store_prompt_blocks(
+        self, namespace: bytes, prompt: list[int], past: DynamicCache, first: int
+    ) -> int:
+        """Store the prompt's full blocks from ``first`` on; returns how many blocks that covers
+        (stored or already present), so the caller does not try them again."""
+        self._store_new_blocks(namespace, prompt, past, first_block=first)
+        return len(prompt) // self.block_size - first
 
     def _store_new_blocks(
         self, namespace: bytes, ids: list[int], past: DynamicCache, first_block: int
