@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import ValidationError
 
-from proxy.auth import ApiKeyFileError
+from proxy.auth import ApiKeyFileError, KeyTable
 from proxy.cli_client import CliError
 from proxy.settings import ServeSettings
 
@@ -122,13 +122,16 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, ServeSettings.model_fields)
+    # Report a bad keys file (with its line) before paying for torch and the model imports.
+    keys = KeyTable.from_file(settings.api_keys) if settings.api_keys else None
+
     import uvicorn
 
     from proxy.app import SHUTDOWN_GRACE_S, create_app
     from proxy.services import Services
 
-    settings = settings_from_args(args, ServeSettings.model_fields)
-    services = Services.create(settings)
+    services = Services.create(settings, keys=keys)
     log = logging.getLogger("kvproxy")
     if not settings.loopback and services.keys is None:
         log.warning(

@@ -173,15 +173,7 @@ def offline(items: list[SourcedItem], args: argparse.Namespace, console: Console
                         f"({len(ids)} >= {runtime.max_context} tokens)"
                     )
                 else:
-                    result = runtime.engine.warmup(ids, tenant=tenant, cache_salt=salt)
-                    totals.add(
-                        {
-                            "prompts": 1,
-                            "tokens": len(ids),
-                            "blocks_written": result.blocks_written,
-                            "already_cached": result.blocks_cached,
-                        }
-                    )
+                    totals.add(runtime.warmup(ids, tenant=tenant, cache_salt=salt))
                 progress.advance(task)
         console.print("writing the lower tiers ...")
         if not runtime.drain(600.0):

@@ -41,8 +41,9 @@ class Services:
     _loader: threading.Thread | None = None
 
     @classmethod
-    def create(cls, settings: ServeSettings) -> Services:
-        keys = KeyTable.from_file(settings.api_keys) if settings.api_keys else None
+    def create(cls, settings: ServeSettings, *, keys: KeyTable | None = None) -> Services:
+        if keys is None and settings.api_keys is not None:
+            keys = KeyTable.from_file(settings.api_keys)
         return cls(settings=settings, metrics=Metrics(), keys=keys, worker=ModelWorker(settings.max_queue))
 
     def start(self) -> None:

@@ -86,12 +86,10 @@ async def warmup(
                 code="context_length_exceeded",
             )
         result = await _on_worker(
-            services, lambda _c, ids=ids: runtime.engine.warmup(ids, tenant=tenant, cache_salt=salt)
+            services, lambda _c, ids=ids: runtime.warmup(ids, tenant=tenant, cache_salt=salt)
         )
-        totals["prompts"] += 1
-        totals["tokens"] += len(ids)
-        totals["blocks_written"] += result.blocks_written
-        totals["already_cached"] += result.blocks_cached
+        for name in totals:
+            totals[name] += result[name]
     # Answer only once every tier holds the blocks (the lower tiers are written in the background).
     drained = await asyncio.to_thread(runtime.drain, _DRAIN_TIMEOUT_S)
     return {
