@@ -164,28 +164,30 @@ class MemoryStore:
         size = len(value)
         if size > self.max_bytes:
             return False
-        old = self._data.get(key)
-        if old is not None and len(old) >= size:
-            # Same key, same or smaller value (blocks are content addressed, so normally the same
-            # bytes): replace in place so a pinned block is never dropped by a refresh.
-            self._data[key] = value
-            self._bytes += size - len(old)
+        if key in self._data:
+            # A refresh of a held key (blocks are content addressed, so normally the same bytes):
+            # touch it first so the policy does not pick it to make room for itself.
             self._policy.touched(key)
-            self._puts += 1
-            return True
-        if old is not None:
-            self._remove_locked(key)
-        if not self._make_room(size):
+        if not self._make_room(key, size):
             return False
+        old = self._data.get(key)
         self._data[key] = value
-        self._bytes += size
-        self._policy.added(key, size)
+        if old is None:
+            self._bytes += size
+            self._policy.added(key, size)
+        else:
+            # Replaced in place: the policy keeps its node (a trie keeps the block's parent link).
+            self._bytes += size - len(old)
         self._puts += 1
         return True
 
-    def _make_room(self, size: int) -> bool:
+    def _make_room(self, key: bytes, size: int) -> bool:
+        """Evict until ``size`` bytes for ``key`` fit (counting what ``key`` already holds)."""
         stale = 0
-        while self._bytes + size > self.max_bytes:
+        while True:
+            held = self._data.get(key)
+            if self._bytes - (len(held) if held is not None else 0) + size <= self.max_bytes:
+                return True
             victim = self._policy.victim()
             if victim is None:
                 return False
@@ -199,7 +201,6 @@ class MemoryStore:
                 stale += 1
                 if stale >= self._MAX_STALE_VICTIMS:
                     return False
-        return True
 
     def _remove_locked(self, key: bytes) -> bool:
         value = self._data.pop(key, None)

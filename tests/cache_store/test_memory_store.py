@@ -129,3 +129,22 @@ def test_concurrent_writers_and_readers_keep_the_books_straight() -> None:
     held = [v for v in store.get_many([key(n * 10_000 + i) for n in range(4) for i in range(500)]) if v]
     assert stats.bytes == sum(len(v) for v in held) <= 50_000
     assert stats.blocks == len(held)
+
+
+def test_refreshing_a_key_keeps_its_policy_entry() -> None:
+    removed: list[bytes] = []
+
+    class Recording(LRUPolicy):
+        def removed(self, k: bytes) -> None:
+            removed.append(k)
+            super().removed(k)
+
+    store = MemoryStore(max_bytes=300, policy=Recording())
+    store.put_many([(key(0), bytes(100)), (key(1), bytes(100))])
+    assert store.put_many([(key(0), bytes(150))]) == 1  # grows in place, nothing evicted
+    assert store.put_many([(key(0), bytes(50))]) == 1
+    assert removed == []
+    assert store.stats().bytes == 150
+    assert store.put_many([(key(0), bytes(250))]) == 1  # needs key 1's room
+    assert removed == [key(1)]
+    assert store.stats().bytes == 250 and store.contains([key(0), key(1)]) == [True, False]
