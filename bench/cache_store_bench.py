@@ -43,18 +43,29 @@ HEAD_DIM = 64
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_store.json"
 
 
-def median_s(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``fn`` over ``reps`` runs (after one warm-up); ``setup`` runs untimed."""
-    times = []
+Timed = Callable[[], object] | tuple[Callable[[], object], Callable[[], object]]
+
+
+def medians(fns: dict[str, Timed], reps: int) -> dict[str, float]:
+    """Median wall time of each function over ``reps`` runs, after one warm-up. The functions run
+    round-robin, so a load spike on this shared machine hits a store and its floor alike. A
+    ``(setup, fn)`` pair runs ``setup`` untimed before each timed ``fn``."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(reps + 1):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        if i:
-            times.append(elapsed)
-    return statistics.median(times)
+        for name, entry in fns.items():
+            setup, fn = entry if isinstance(entry, tuple) else (None, entry)
+            if setup is not None:
+                setup()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_s(fn: Callable[[], object], reps: int) -> float:
+    return medians({"fn": fn}, reps)["fn"]
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -143,10 +154,9 @@ def bench_codec(reps: int, batch_bytes: int) -> list[dict[str, Any]]:
             return bytes(r)
 
         fns = (("copy", copy), ("enc", encode), ("dec", decode))
-        hot = {name: median_s(fn, reps * 6) for name, fn in fns}
-        batch = {
-            name: median_s(lambda fn=fn, k=count: [fn() for _ in range(k)], reps) / count for name, fn in fns
-        }
+        hot = medians(dict(fns), reps * 6)
+        batch = medians({name: lambda fn=fn, k=count: [fn() for _ in range(k)] for name, fn in fns}, reps)
+        batch = {name: t / count for name, t in batch.items()}
         row: dict[str, Any] = {"record_bytes": n, "layers_x_heads": "x".join(map(str, layout(size)))}
         for label, t in (("hot", hot), ("batch", batch)):
             row[f"{label}_copy_gbps"] = gbps(n, t["copy"])
@@ -181,9 +191,15 @@ def bench_memory(size: int, items: list[tuple[bytes, bytes]], reps: int) -> list
     keys = [k for k, _ in items]
     values = [bytearray(v) for _, v in items]
     store = MemoryStore(2 * nbytes)
-    put_s = median_s(lambda: store.put_many(items), reps, setup=store.clear)
-    get_s = median_s(lambda: store.get_many(keys), reps)
-    copy_s = median_s(lambda: [bytes(v) for v in values], reps)
+    t = medians(
+        {
+            "put": (store.clear, lambda: store.put_many(items)),
+            "get": lambda: store.get_many(keys),
+            "copy": lambda: [bytes(v) for v in values],
+        },
+        reps,
+    )
+    put_s, get_s, copy_s = t["put"], t["get"], t["copy"]
     return [
         _row("memory", "put", size, nbytes, put_s, copy_s),
         _row("memory", "get", size, nbytes, get_s, copy_s),
@@ -216,10 +232,9 @@ def bench_disk(size: int, items: list[tuple[bytes, bytes]], reps: int, root: Pat
                 out.append(buf)
         return out
 
-    put_s = median_s(lambda: store.put_many(items), reps, setup=store.clear)
-    raw_put_s = median_s(raw_put, reps)
-    get_s = median_s(lambda: store.get_many(keys), reps)
-    raw_get_s = median_s(raw_get, reps)
+    t = medians({"put": (store.clear, lambda: store.put_many(items)), "raw_put": raw_put}, reps)
+    t |= medians({"get": lambda: store.get_many(keys), "raw_get": raw_get}, reps)
+    put_s, raw_put_s, get_s, raw_get_s = t["put"], t["raw_put"], t["get"], t["raw_get"]
     if sum(v is not None for v in store.get_many(keys)) != len(keys):
         raise RuntimeError("disk store lost records during the benchmark")
     store.clear()
@@ -245,10 +260,9 @@ def bench_redis(
                 pipe.set(rk, value)
             pipe.execute()
 
-        put_s = median_s(lambda: store.put_many(items), reps)
-        raw_put_s = median_s(raw_put, reps)
-        get_s = median_s(lambda: store.get_many(keys), reps)
-        raw_get_s = median_s(lambda: raw.mget(raw_keys), reps)
+        t = medians({"put": lambda: store.put_many(items), "raw_put": raw_put}, reps)
+        t |= medians({"get": lambda: store.get_many(keys), "raw_get": lambda: raw.mget(raw_keys)}, reps)
+        put_s, raw_put_s, get_s, raw_get_s = t["put"], t["raw_put"], t["get"], t["raw_get"]
         if sum(v is not None for v in store.get_many(keys)) != len(keys):
             raise RuntimeError(f"redis store missed records (errors: {store.stats().errors})")
     finally:

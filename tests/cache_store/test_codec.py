@@ -7,6 +7,7 @@ import pickle
 import struct
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,6 +226,20 @@ def test_every_truncation_is_a_record_error_not_a_crash() -> None:
 def test_encode_rejects_bad_input(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         encode_block(**EXPECT, **kwargs)
+
+
+@pytest.mark.parametrize("tokens", [[], [-1] * BLOCK, [2**32] * BLOCK])
+def test_encode_rejects_bad_token_ids(tokens: list[int]) -> None:
+    keys, values = _kv(1, 1, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="token"):
+        encode_block(namespace=NS, parent=H0, block_hash=H1, token_ids=tokens, keys=keys, values=values)
+
+
+def test_numpy_token_ids_encode_like_ints() -> None:
+    keys, values = _kv(1, 1, 4, 4, torch.float32)
+    ident = {"namespace": NS, "parent": H0, "block_hash": H1}
+    as_numpy = encode_block(**ident, token_ids=np.array(TOKENS[BLOCK:]), keys=keys, values=values)
+    assert as_numpy == encode_block(**ident, token_ids=TOKENS[BLOCK:], keys=keys, values=values)
 
 
 def test_dtype_codes_are_fixed() -> None:
