@@ -145,7 +145,7 @@ class DiskStore:
             size, verified, touched_at = entry.nbytes, entry.verified, entry.touched_at
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             self._forget(key, None)  # removed behind our back (or by a concurrent delete)
             return None
@@ -181,23 +181,24 @@ class DiskStore:
         return value
 
     def _forget(self, key: bytes, inode: int | None) -> None:
-        """Drop ``key`` from the index; with ``inode``, also unlink the file if it is still that one
-        (a concurrent put may have replaced it with a good file meanwhile)."""
+        """Drop ``key`` after a failed read: its file was gone (``inode`` None) or bad (``inode``
+        of the file read). If a concurrent put has meanwhile installed a new file, keep that."""
         with self._lock:
+            path = self._path(key)
+            try:
+                current: int | None = os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+            except OSError:
+                return
+            if current is not None and current != inode:
+                return
             entry = self._index.pop(key, None)
             if entry is not None:
                 self._bytes -= entry.nbytes
-            if inode is None:
-                return
-            path = self._path(key)
-            try:
-                if os.stat(path).st_ino == inode:
+            if current is not None:
+                with contextlib.suppress(OSError):
                     os.unlink(path)
-                elif entry is not None:
-                    self._index[key] = entry  # a newer good file: keep it
-                    self._bytes += entry.nbytes
-            except OSError:
-                pass
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -375,9 +376,12 @@ def _key_from_name(root: Path, dirpath: str, fname: str) -> bytes | None:
 
 def _check_file(path: str) -> _Entry | None:
     try:
-        with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            frame = f.read(_FRAME.size)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a planted symlink is not a block
+        try:
+            st = os.fstat(fd)
+            frame = os.pread(fd, _FRAME.size, 0)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     if len(frame) != _FRAME.size:

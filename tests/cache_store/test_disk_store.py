@@ -93,10 +93,16 @@ def test_start_removes_temp_files_and_foreign_files(tmp_path: Path) -> None:
     junk.write_bytes(b"junk")
     truncated = store._path(key(9))
     truncated.write_bytes(b"KVPD")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.write_bytes(store._path(key(7)).read_bytes())
+    planted = store._path(key(10))
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.symlink_to(outside)  # a link out of the cache is never followed
 
     again = DiskStore(tmp_path, max_bytes=1 << 20)
     assert block_files(tmp_path) == [store._path(key(7))]
-    assert again.get_many([key(7), key(8), key(9)]) == [b"seven", None, None]
+    assert again.get_many([key(7), key(8), key(9), key(10)]) == [b"seven", None, None, None]
+    assert outside.exists()
     assert again.stats().blocks == 1
 
 
@@ -220,3 +226,16 @@ def test_concurrent_reader_and_writer(tmp_path: Path) -> None:
     stats = store.stats()
     assert stats.bytes <= 40 * 1100 and stats.errors == {}
     assert len(block_files(tmp_path)) == stats.blocks
+
+
+def test_a_hit_is_remembered_across_restarts(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, max_bytes=3 * 124)
+    store.put_many([(key(i), bytes(100)) for i in range(3)])
+    old = time.time() - 3600
+    for i in range(3):  # key 0 oldest, then 1, then 2
+        os.utime(store._path(key(i)), (old + i, old + i))
+    reader = DiskStore(tmp_path, max_bytes=3 * 124)
+    assert reader.get_many([key(0)]) == [bytes(100)]  # refreshes the file's mtime
+    again = DiskStore(tmp_path, max_bytes=3 * 124)
+    again.put_many([(key(3), bytes(100))])
+    assert again.contains([key(0), key(1), key(2), key(3)]) == [True, False, True, True]
