@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model_runner.tokenizer_builder import train_bpe_tokenizer
+from model_runner.tokenizer_builder import pseudo_word_corpus, train_bpe_tokenizer
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 """Bump when the recipe changes, so an old build in the cache dir is never mistaken for this one."""
 DEMO_SEED = 20240601
 DEMO_VOCAB = 4096
@@ -57,8 +57,9 @@ _TEXT = (
 
 
 def demo_corpus() -> list[str]:
-    """The built-in training text (deterministic; repeated so that frequent pairs merge)."""
-    return [f"{line}\n" for _ in range(8) for line in _TEXT]
+    """The built-in training text, repeated so its frequent pairs merge first, then made-up words
+    (seeded) so the vocabulary fills up to ``DEMO_VOCAB``."""
+    return [f"{line}\n" for _ in range(40) for line in _TEXT] + pseudo_word_corpus(DEMO_SEED, 1500)
 
 
 def demo_config(vocab_size: int) -> LlamaConfig:

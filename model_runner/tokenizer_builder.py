@@ -6,6 +6,7 @@ deterministic for a given corpus and vocabulary size, which keeps the demo's fin
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -23,6 +24,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 """ChatML, as Qwen uses it: the end-of-turn marker is the EOS token, so a reply ends cleanly."""
+
+
+def pseudo_word_corpus(seed: int, lines: int, words: int = 6000) -> list[str]:
+    """Deterministic lines of made-up words built from syllables: cheap text with enough distinct
+    character pairs to fill a BPE vocabulary of several thousand tokens."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"] + ["th", "ch", "sh", "qu"]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(words)]
+    return [" ".join(rng.choice(lexicon) for _ in range(40)) + "." for _ in range(lines)]
 
 
 def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
