@@ -174,7 +174,6 @@ class PrefixTrie:
                 if node is not None and node.evictable and node.stamp == stamp:
                     self._drop(node)
                     self._evictions += 1
-                    self._remember_evicted(key)
                     return key
             return None
 
@@ -218,13 +217,16 @@ class PrefixTrie:
             return [key for key, node in self._nodes.items() if node.locks]
 
     def was_evicted(self, block_hash: bytes) -> bool:
-        """Whether ``block_hash`` is among the recently evicted blocks (bounded memory)."""
+        """Whether ``block_hash`` recently left the trie (evicted, deleted, removed or cleared); the
+        record is bounded by ``remember_evicted``."""
         with self._lock:
             return block_hash in self._evicted
 
     def clear(self) -> int:
         with self._lock:
             n = len(self._nodes)
+            for key in self._nodes:
+                self._remember_evicted(key)
             self._nodes.clear()
             self._heap.clear()
             self._bytes = self._locked = self._evictable = 0
@@ -312,7 +314,9 @@ class PrefixTrie:
             heapq.heapify(self._heap)
 
     def _drop(self, node: _Node) -> None:
+        """Forget ``node`` (evicted, deleted or removed) and remember that it was cached."""
         del self._nodes[node.key]
+        self._remember_evicted(node.key)
         self._bytes -= node.nbytes
         if node.locks:
             self._locked -= 1

@@ -152,6 +152,12 @@ def test_evicted_once_a_block_left_every_tier(tmp_path: Path) -> None:
         disk.delete(block_hashes(PROMPT, BS, NS))  # ... and the disk lost them too
         with t.lookup(PROMPT) as hit:
             assert hit.blocks == [] and hit.miss_reason == "evicted" and hit.miss_block == 0
+        other = [50 + x for x in PROMPT]
+        t.store.clear()  # a flush: every block left every tier
+        with t.lookup(other) as hit:
+            assert hit.miss_reason == "evicted"
+        with t.lookup([9999, *PROMPT[1:]]) as hit:
+            assert hit.miss_reason == "no_shared_prefix"
     finally:
         t.store.close()
 
