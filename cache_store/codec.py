@@ -198,7 +198,8 @@ def encode_block(
         except RuntimeError:
             pass
     if not copied:
-        for dst, src in zip(_split_payload(flat, layer_shapes), tensors, strict=True):
+        dst_keys, dst_values = _split_payload(flat, layer_shapes)
+        for dst, src in zip(dst_keys + dst_values, list(keys) + list(values), strict=True):
             dst.copy_(src)
     checksum = xxhash.xxh3_64_intdigest(memoryview(record)[offset:])
     struct.pack_into("<Q", record, _CHECKSUM_AT, checksum)
@@ -220,6 +221,8 @@ def peek_header(record: RecordBuffer) -> RecordHeader:
         raise UnsupportedVersion(f"record format version {version}, this build reads {FORMAT_VERSION}")
     if size < _FIXED.size:
         raise LengthMismatch(f"record of {size} bytes is shorter than its header")
+    if view[7] or any(view[_FIXED.size - 8 : _FIXED.size]):
+        raise UnsupportedVersion("reserved header fields are set: a format this build does not know")
     (_, _, code, namespace, parent, block_hash, n_tokens, n_layers, offset, length, checksum) = (
         _FIXED.unpack_from(view)
     )
@@ -294,24 +297,26 @@ def decode_block(
         raise TokenMismatch("record holds other token ids")
     if dtype is not None and header.dtype != dtype:
         raise DtypeMismatch(f"record dtype {header.dtype}, expected {dtype}")
-    if layer_shapes is not None and header.layer_shapes != _normalize_shapes(layer_shapes):
+    if (
+        layer_shapes is not None
+        and header.layer_shapes != tuple(layer_shapes)  # fast path: tuples of tuples
+        and header.layer_shapes != _normalize_shapes(layer_shapes)  # lists, torch.Size, ...
+    ):
         raise ShapeMismatch("record K/V shapes differ from the model's")
     view = memoryview(record).cast("B")
     offset = header.payload_offset
     if xxhash.xxh3_64_intdigest(view[offset:]) != header.checksum:
         raise ChecksumMismatch("payload checksum mismatch")
 
-    dtype_ = header.dtype
-    count = header.payload_length // dtype_.itemsize
+    count = header.payload_length // header.dtype.itemsize
     if view.readonly:
         with warnings.catch_warnings():
             # bytes from a store are read-only; the views are only ever read (copied into a Cache).
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(view, dtype=dtype_, count=count, offset=offset)
+            flat = torch.frombuffer(view, dtype=header.dtype, count=count, offset=offset)
     else:
-        flat = torch.frombuffer(view, dtype=dtype_, count=count, offset=offset)
-    tensors = _split_payload(flat, header.layer_shapes)
-    keys, values = tensors[0::2], tensors[1::2]
+        flat = torch.frombuffer(view, dtype=header.dtype, count=count, offset=offset)
+    keys, values = _split_payload(flat, header.layer_shapes)
     return BlockKV(
         block_hash=header.block_hash,
         parent=header.parent,
@@ -321,25 +326,28 @@ def decode_block(
     )
 
 
-def _split_payload(flat: torch.Tensor, layer_shapes: Sequence[LayerShape]) -> list[torch.Tensor]:
-    """Views [K_0, V_0, K_1, V_1, ...] of a flat payload tensor, each [kv_heads, tokens, head_dim]."""
+def _split_payload(
+    flat: torch.Tensor, layer_shapes: Sequence[LayerShape]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Views of a flat payload tensor: keys and values per layer, each [kv_heads, tokens, head_dim]."""
     (k0, v0), n_layers = layer_shapes[0], len(layer_shapes)
     if all(shapes == (k0, v0) for shapes in layer_shapes):
         # Uniform layers: two strided views and two unbinds instead of ~2 ops per tensor.
-        k_numel, v_numel = _numel(k0), _numel(v0)
-        layer = k_numel + v_numel
+        k_numel = _numel(k0)
+        layer = k_numel + _numel(v0)
         base = flat.storage_offset()
         ks = flat.as_strided((n_layers, *k0), (layer, k0[1] * k0[2], k0[2], 1), base).unbind(0)
         vs = flat.as_strided((n_layers, *v0), (layer, v0[1] * v0[2], v0[2], 1), base + k_numel).unbind(0)
-        return [t for pair in zip(ks, vs, strict=True) for t in pair]
-    out: list[torch.Tensor] = []
+        return list(ks), list(vs)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
     pos = 0
-    for shapes in layer_shapes:
-        for shape in shapes:
+    for k_shape, v_shape in layer_shapes:
+        for shape, out in ((k_shape, keys), (v_shape, values)):
             n = _numel(shape)
             out.append(flat[pos : pos + n].view(shape))
             pos += n
-    return out
+    return keys, values
 
 
 def _normalize_shapes(layer_shapes: Sequence[LayerShape]) -> tuple[LayerShape, ...]:

@@ -131,6 +131,8 @@ CORRUPTIONS: list[tuple[str, Callable[[bytearray], bytes | bytearray], type[Reco
     ("two bytes", lambda r: r[:2], LengthMismatch),
     ("version", _set(4, "<H", 99), UnsupportedVersion),
     ("dtype code", _set(6, "<B", 77), DtypeMismatch),
+    ("reserved byte", _set(7, "<B", 1), UnsupportedVersion),
+    ("reserved tail", _set(95, "<B", 1), UnsupportedVersion),
     ("header only half", lambda r: r[:40], LengthMismatch),
     ("truncated payload", lambda r: r[:-1], LengthMismatch),
     ("truncated in tokens", lambda r: r[: _TOKENS_AT + 3], LengthMismatch),
@@ -186,6 +188,8 @@ def test_dtype_and_shape_expectations() -> None:
     with pytest.raises(ShapeMismatch):
         decode_block(record, **EXPECT, layer_shapes=[((2, BLOCK, 4), (2, BLOCK, 8))] * 2)
     decode_block(record, **EXPECT, dtype=torch.bfloat16, layer_shapes=[((2, BLOCK, 4), (2, BLOCK, 4))] * 2)
+    as_lists = [[[2, BLOCK, 4], torch.Size([2, BLOCK, 4])]] * 2
+    decode_block(record, **EXPECT, layer_shapes=as_lists)  # type: ignore[arg-type]
 
 
 def test_a_valid_record_of_another_block_is_rejected() -> None:
