@@ -127,7 +127,7 @@ def test_stopped_server_turns_into_fast_misses_then_recovers(private_redis: Redi
         store.clear,
     ):
         _, elapsed = timed(call)
-        assert elapsed < 0.02, "an open breaker makes no network call"
+        assert elapsed < 0.05, "an open breaker makes no network call"
     assert sum(store.stats().errors.values()) == errors
     assert store.put_many([(key(3), b"x")]) == 0 and store.contains([key(1)]) == [False]
 
@@ -160,7 +160,7 @@ def test_hung_server_costs_one_timeout_per_call(private_redis: RedisServer) -> N
             assert result == [None]
             assert elapsed < 0.5
         _, elapsed = timed(lambda: store.put_many([(key(2), b"w")]))
-        assert elapsed < 0.02, "breaker open after three timeouts"
+        assert elapsed < 0.05, "breaker open after three timeouts"
     finally:
         private_redis.resume()
 
