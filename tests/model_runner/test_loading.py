@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_runner.cache_factory import StoreOptions, build_prefix_cache
 from model_runner.demo import build_demo_model, demo_model_dir, ensure_demo_model
+from model_runner.engine import Engine
 from model_runner.fingerprint import model_fingerprint
 from model_runner.loading import (
     InvalidOption,
@@ -19,6 +21,8 @@ from model_runner.loading import (
     resolve_device,
     resolve_dtype,
 )
+from model_runner.records import Finished, GenerationRequest
+from model_runner.sampling import SamplingParams
 
 
 def test_loads_a_local_dir(tiny_model_path: Callable[[str], Path], isolated_cache_dir: Path) -> None:
@@ -117,6 +121,13 @@ def test_demo_is_the_default_built_once_and_reused(isolated_cache_dir: Path) -> 
     )
     assert ids.endswith("<|im_start|>assistant\n")
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("café 🙂 ok")) == "café 🙂 ok"
+    engine = Engine(loaded, build_prefix_cache(StoreOptions(memory_bytes=1 << 26), 16), 16)
+    prompt = engine.encode_chat([{"role": "system", "content": "You are a helpful assistant."}] * 3)
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=3, temperature=0.0))
+    first = list(engine.generate(request))[-1]
+    second = list(engine.generate(request))[-1]
+    assert isinstance(first, Finished) and isinstance(second, Finished)
+    assert second.usage.cached_tokens == min(len(prompt) // 16 * 16, len(prompt) - 1) > 0
 
 
 def test_demo_builds_are_byte_identical(tmp_path: Path) -> None:
