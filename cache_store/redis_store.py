@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ClusterError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
@@ -119,7 +120,14 @@ class RedisStore:
             pipe = client.pipeline(transaction=False)
             for key, value in items:
                 pipe.set(self.key(key), value, ex=self.ttl_s)
-            return sum(1 for ok in pipe.execute() if ok)
+            # Per-command errors (a full server's OOM) come back in place, so the SETs that did
+            # succeed still count; an outage still raises.
+            results = pipe.execute(raise_on_error=False)
+            refused = [r for r in results if isinstance(r, Exception)]
+            if refused:
+                self._count_error("put")
+                log.debug("redis refused %d of %d writes: %s", len(refused), len(results), refused[0])
+            return sum(1 for r in results if r is True)
 
         stored = self._call("put", write) or 0
         with self._lock:
@@ -198,26 +206,38 @@ class RedisStore:
             return None
         try:
             result = fn(self._get_client())
-        except Exception as exc:  # any fault of a remote cache is a miss, never the caller's error
-            was_open = self.breaker.state == "open"
-            self.breaker.record_failure()
-            with self._lock:
-                self._errors[op] = self._errors.get(op, 0) + 1
-                self._last_ok = False
-            if not was_open and self.breaker.state == "open":
-                log.warning(
-                    "redis %s unavailable (%s); circuit open for %.1fs",
-                    self.redacted_url,
-                    self._scrub(exc),
-                    self.breaker.cooldown_s,
-                )
-            else:
-                log.debug("redis %s failed: %s", op, self._scrub(exc))
+        except ResponseError as exc:
+            if isinstance(exc, ClusterError):
+                return self._failed(op, exc)
+            # The server answered, with a command error (OOM, ACL, ...): count it, but it is no
+            # outage: the breaker counts it as a sign of life, and reads keep working.
+            self.breaker.record_success()
+            self._count_error(op)
+            log.debug("redis %s refused: %s", op, self._scrub(exc))
             return None
+        except Exception as exc:  # any fault of a remote cache is a miss, never the caller's error
+            return self._failed(op, exc)
         self.breaker.record_success()
         with self._lock:
             self._last_ok = True
         return result
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        """Count an outage-like failure and feed the breaker."""
+        was_open = self.breaker.state == "open"
+        self.breaker.record_failure()
+        with self._lock:
+            self._errors[op] = self._errors.get(op, 0) + 1
+            self._last_ok = False
+        if not was_open and self.breaker.state == "open":
+            log.warning(
+                "redis %s unavailable (%s); circuit open for %.1fs",
+                self.redacted_url,
+                self._scrub(exc),
+                self.breaker.cooldown_s,
+            )
+        else:
+            log.debug("redis %s failed: %s", op, self._scrub(exc))
 
     def _get_client(self) -> redis.Redis | RedisCluster:
         with self._lock:
@@ -262,6 +282,10 @@ class RedisStore:
         for rkey in rkeys:
             pipe.expire(rkey, self.ttl_s)
         pipe.execute(raise_on_error=False)
+
+    def _count_error(self, op: str) -> None:
+        with self._lock:
+            self._errors[op] = self._errors.get(op, 0) + 1
 
     def _scrub(self, exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"

@@ -166,12 +166,16 @@ def test_hung_server_costs_one_timeout_per_call(private_redis: RedisServer) -> N
 
 
 def test_full_server_refuses_writes_softly(redis_server_factory: Callable[..., RedisServer]) -> None:
-    server = redis_server_factory("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server = redis_server_factory("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
     store = RedisStore(server.url, prefix="t:", timeout_ms=1000)
-    stored = sum(store.put_many([(key(i), os.urandom(512 * 1024))]) for i in range(8))
-    assert stored < 8
+    stored = sum(store.put_many([(key(i), os.urandom(256 * 1024))]) for i in range(16))
+    assert 0 < stored < 16
+    assert store.put_many([(key(100 + i), os.urandom(256 * 1024)) for i in range(4)]) == 0
     stats = store.stats()
-    assert stats.errors.get("put", 0) >= 1
+    assert stats.errors.get("put", 0) >= 4
+    # The server answers (with OOM): no outage, so the breaker stays closed and reads still hit.
+    assert stats.breaker == "closed"
+    assert store.get_many([key(0)])[0] is not None
 
 
 def test_nothing_listening_gives_misses(redis_server_factory: Callable[..., RedisServer]) -> None:
