@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import xxhash
 
@@ -236,13 +235,11 @@ def peek_header(record: RecordBuffer) -> RecordHeader:
         raise LengthMismatch(f"record of {size} bytes is truncated inside its header")
     if offset != _payload_offset(n_layers, n_tokens):
         raise LengthMismatch(f"payload offset {offset} does not match the header layout")
-    rows = np.frombuffer(view, dtype="<u4", count=6 * n_layers, offset=_FIXED.size).reshape(n_layers, 6)
-    if (rows == rows[0]).all():  # the usual case: every layer alike, checked once
-        distinct = [tuple(int(x) for x in rows[0])]
-        counts = [n_layers]
+    dims = struct.unpack_from(f"<{6 * n_layers}I", view, _FIXED.size)
+    if dims[:6] * n_layers == dims:  # the usual case: every layer alike, checked once
+        distinct, counts = [dims[:6]], [n_layers]
     else:
-        distinct = [tuple(int(x) for x in row) for row in rows]
-        counts = [1] * n_layers
+        distinct, counts = [dims[i : i + 6] for i in range(0, len(dims), 6)], [1] * n_layers
     expected_length = 0
     for (kh, kt, kd, vh, vt, vd), count in zip(distinct, counts, strict=True):
         if kt != n_tokens or vt != n_tokens or kh != vh or 0 in (kh, kd, vd):
@@ -257,7 +254,7 @@ def peek_header(record: RecordBuffer) -> RecordHeader:
         raise LengthMismatch(f"payload length {length}, shapes need {expected_length}")
     if size != offset + length:
         raise LengthMismatch(f"record is {size} bytes, header says {offset + length}")
-    token_ids = tuple(np.frombuffer(view, dtype="<u4", count=n_tokens, offset=tokens_at).tolist())
+    token_ids = struct.unpack_from(f"<{n_tokens}I", view, tokens_at)
     return RecordHeader(
         version=version,
         namespace=namespace,
