@@ -149,8 +149,14 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
     )
-    uvicorn.Server(config).run()
-    return 0
+    server = uvicorn.Server(config)
+
+    def stop_serving() -> None:
+        server.should_exit = True  # a server with no model is of no use: exit non-zero instead
+
+    services.on_load_failed = stop_serving
+    server.run()
+    return 1 if services.state == "failed" else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from model_runner.loading import LoadError
 from proxy.auth import KeyTable
 from proxy.errors import ServiceUnavailable
 from proxy.generation import GenerationService
@@ -38,6 +40,8 @@ class Services:
     load_error: str | None = None
     runtime: Runtime | None = None
     generation: GenerationService | None = None
+    on_load_failed: Callable[[], None] | None = None
+    """Called (from the loader thread) when the model cannot be loaded; the CLI stops the server."""
     _loader: threading.Thread | None = None
 
     @classmethod
@@ -55,9 +59,14 @@ class Services:
         try:
             runtime = build_runtime(self.settings, self.metrics)
         except Exception as exc:
-            log.exception("model load failed")
+            # A LoadError's message says it all; anything else is a bug worth its traceback.
+            log.error(
+                "cannot serve %s: %s", self.settings.model_name, exc, exc_info=not isinstance(exc, LoadError)
+            )
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             self.state = "failed"
+            if self.on_load_failed is not None:
+                self.on_load_failed()
             return
         self.generation = GenerationService(
             runtime.engine,

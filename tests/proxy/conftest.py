@@ -19,7 +19,9 @@ from tests.proxy.server import KvproxyServer
 
 BLOCK_SIZE = 16
 MAX_CONTEXT = 1024
-BASE_ARGS = ["--block-size", str(BLOCK_SIZE), "--max-context", str(MAX_CONTEXT)]
+# A generous store timeout: on a busy 2-core CI machine a 200 ms Redis call can time out, which
+# (by design) turns a hit into a miss; the tiers' own tests cover timeouts.
+BASE_ARGS = ["--block-size", str(BLOCK_SIZE), "--max-context", str(MAX_CONTEXT), "--store-timeout-ms", "2000"]
 
 ServerFactory = Callable[..., KvproxyServer]
 

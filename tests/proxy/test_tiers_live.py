@@ -29,7 +29,7 @@ def test_two_servers_share_redis(
     _wait_written(server)  # Redis is written in the background, after the response
     second = _chat(other, body)
     usage = second["usage"]
-    assert usage["prompt_tokens_details"]["cached_tokens"] == expected_cached(usage["prompt_tokens"])
+    assert usage["prompt_tokens_details"]["cached_tokens"] == expected_cached(usage["prompt_tokens"]), usage
     assert usage["kvproxy"]["cached_by_tier"] == {"redis": usage["prompt_tokens_details"]["cached_tokens"]}
     assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
 
@@ -44,7 +44,7 @@ def test_restart_on_same_disk_dir_hits_first_request(server_factory: ServerFacto
     restarted = server_factory("--disk-dir", str(disk))
     again = _chat(restarted, body)
     usage = again["usage"]
-    assert usage["prompt_tokens_details"]["cached_tokens"] == expected_cached(usage["prompt_tokens"])
+    assert usage["prompt_tokens_details"]["cached_tokens"] == expected_cached(usage["prompt_tokens"]), usage
     assert usage["kvproxy"]["cached_by_tier"] == {"disk": usage["prompt_tokens_details"]["cached_tokens"]}
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
 
