@@ -105,6 +105,14 @@ def test_strided_tensors_encode_like_contiguous_ones() -> None:
     )
 
 
+def test_layers_that_differ_after_the_first_take_the_general_path() -> None:
+    # Layer 0 has K and V alike (the stack fast path's guess), layer 1 has more heads.
+    keys = [torch.randn(1, BLOCK, 4), torch.randn(2, BLOCK, 4)]
+    values = [torch.randn(1, BLOCK, 4), torch.randn(2, BLOCK, 4)]
+    block = decode_block(encode_block(**EXPECT, keys=keys, values=values), **EXPECT)
+    assert all(torch.equal(a, b) for a, b in zip(block.keys + block.values, keys + values, strict=True))
+
+
 def _set(offset: int, fmt: str, value: object) -> Callable[[bytearray], bytearray]:
     def corrupt(rec: bytearray) -> bytearray:
         struct.pack_into(fmt, rec, offset, value)
