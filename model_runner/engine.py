@@ -30,6 +30,7 @@ from model_runner.records import (
     Finished,
     FinishReason,
     GenerationRequest,
+    InvalidTokens,
     TextDelta,
     UsageReport,
     WarmupResult,
@@ -62,6 +63,7 @@ class Engine:
         if cache is not None and not loaded.cacheable:
             log.warning("serving %s without prefix caching: %s", loaded.model_id, loaded.cache_reason)
         self._eos = _eos_ids(loaded)
+        self._vocab_size = int(self._model.get_input_embeddings().num_embeddings)
         self._layer_shapes = self._probe_layer_shapes() if self._cache is not None else None
 
     # -- what the proxy reads ----------------------------------------------------------------
@@ -114,13 +116,17 @@ class Engine:
     ) -> Iterator[TextDelta | Finished]:
         """Stream ``TextDelta``s and, last, one ``Finished``. Raises ``ContextLengthExceeded`` at
         once (before any work) when prompt + ``max_tokens`` exceeds ``max_context``."""
-        needed = len(request.prompt_ids) + request.sampling.max_tokens
-        if needed > self.max_context:
+        self._check_prompt(request.prompt_ids, request.sampling.max_tokens)
+        return self._generate(request, cancel)
+
+    def _check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+        if len(prompt_ids) + max_tokens > self.max_context:
             raise ContextLengthExceeded(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.sampling.max_tokens}) "
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
                 f"exceeds the context of {self.max_context} tokens"
             )
-        return self._generate(request, cancel)
+        if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size):
+            raise InvalidTokens(f"prompt token ids must be in [0, {self._vocab_size})")
 
     def _generate(
         self, request: GenerationRequest, cancel: threading.Event | None
@@ -197,6 +203,7 @@ class Engine:
         """Prefill ``prompt_ids`` and store its full blocks (no decoding). With caching off it
         does nothing. Lower tiers are written in the background: drain the store to wait."""
         prompt = [int(t) for t in prompt_ids]
+        self._check_prompt(prompt, 0)
         if self._cache is None:
             return WarmupResult(len(prompt), 0, 0, 0, "cache_disabled")
         n_full = len(prompt) // self.block_size

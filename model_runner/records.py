@@ -15,6 +15,10 @@ class ContextLengthExceeded(ValueError):
     """The prompt plus ``max_tokens`` does not fit the served context."""
 
 
+class InvalidTokens(ValueError):
+    """A prompt token id outside the model's vocabulary."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion: token ids of the rendered prompt, how to sample, and the cache partition

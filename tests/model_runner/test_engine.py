@@ -11,7 +11,13 @@ import pytest
 
 from model_runner.engine import Engine
 from model_runner.loading import LoadedModel, load_model
-from model_runner.records import ContextLengthExceeded, Finished, GenerationRequest, TextDelta
+from model_runner.records import (
+    ContextLengthExceeded,
+    Finished,
+    GenerationRequest,
+    InvalidTokens,
+    TextDelta,
+)
 from model_runner.sampling import SamplingParams
 from tests.model_runner.conftest import BLOCK, base_tokens, make_cache, reference, run
 
@@ -113,6 +119,10 @@ def test_context_length_is_checked_before_any_work(llama: LoadedModel) -> None:
     engine = Engine(llama, make_cache(), BLOCK)
     with pytest.raises(ContextLengthExceeded):
         engine.generate(GenerationRequest(base_tokens(llama, 500), SamplingParams(max_tokens=13)))
+    with pytest.raises(ContextLengthExceeded):
+        engine.warmup(base_tokens(llama, 513))
+    with pytest.raises(InvalidTokens):
+        engine.generate(GenerationRequest([1, 2, len(llama.tokenizer) + 5], SamplingParams(max_tokens=1)))
     assert engine.prefix_cache is not None and engine.prefix_cache.stats().lookups == 0
 
 
