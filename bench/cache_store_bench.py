@@ -5,7 +5,10 @@ Measures, in one run: block hashing (µs per 1,000 blocks of 64 tokens); the tri
 against a plain memory copy of the same bytes); and each store's get/put GB/s against its raw
 floor -- MemoryStore vs ``bytes(bytearray)``, DiskStore vs plain files (open+readinto /
 open+write+fsync), RedisStore vs raw redis-py MGET / pipelined SET of opaque values of the same
-size. Every figure is the median of several repetitions. Prints markdown tables and writes
+size. Codec figures come in two modes: ``hot`` (one record at a time, its memory reused: pure CPU
+cost) and ``batch`` (32 MiB of records, 8 with --quick, kept alive as the memory tier keeps them:
+every new record and every floor copy needs fresh pages). Every figure is the median of several repetitions, a
+store and its floor timed round-robin (this machine is shared). Prints markdown tables and writes
 ``bench/results/cache_store.json``. Redis: ``REDIS_URL`` (default redis://127.0.0.1:6379/0), under
 a unique key prefix whose keys are deleted at the end.
 """
@@ -285,7 +288,9 @@ def _size(n: int) -> str:
 
 def print_report(result: dict[str, Any]) -> None:
     h, t = result["hashing"], result["trie"]
-    print(f"\n## cache_store benchmark ({result['machine']['cpu']}, {result['machine']['cores']} cores)\n")
+    m = result["machine"]
+    load = m["load_avg_1m_at_start"]
+    print(f"\n## cache_store benchmark ({m['cpu']}, {m['cores']} cores, load average {load:.1f})\n")
     print(f"- hashing: {h['us_per_1000_blocks']:.0f} µs per 1,000 blocks of {h['block_size']} tokens")
     print(
         f"- trie: match of a 32k-token prompt ({t['blocks']} blocks) {t['match_32k_tokens_us']:.0f} µs, "
@@ -301,6 +306,10 @@ def print_report(result: dict[str, Any]) -> None:
                 f"{r[m + '_encode_gbps']:.1f} ({r[m + '_encode_ratio']:.2f}) | "
                 f"{r[m + '_decode_gbps']:.1f} ({r[m + '_decode_ratio']:.2f}) |"
             )
+    print(
+        "\nMemoryStore keeps and hands out the very objects (no copy), so its ratio to a copy is "
+        "large by construction."
+    )
     print("\n| store | op | record | GB/s | raw floor GB/s | ratio |")
     print("|---|---|---|---|---|---|")
     for r in result["stores"]:
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "load_avg_1m_at_start": os.getloadavg()[0],
         },
         "quick": args.quick,
         "hashing": bench_hashing(reps * 3),
