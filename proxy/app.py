@@ -6,6 +6,7 @@ Services are built when the app starts (not at import) and kept in one typed con
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,11 @@ from proxy.settings import ServeSettings
 log = logging.getLogger("kvproxy")
 
 SHUTDOWN_GRACE_S = 10.0
+"""How long uvicorn lets in-flight requests finish after SIGTERM before it cancels them."""
+WORKER_GRACE_S = 2.0
+"""Then how long the model worker may take to stop (a cancelled job stops at its next token)."""
 DRAIN_TIMEOUT_S = 15.0
+"""Then the bound on writing the queued blocks to disk/Redis."""
 
 
 class RequestMetricsMiddleware:
@@ -67,7 +72,9 @@ def create_app(settings: ServeSettings, services: Services | None = None) -> Fas
             yield
         finally:
             log.info("shutting down: finishing running work, draining the store writer")
-            services.close(grace_s=SHUTDOWN_GRACE_S, drain_s=DRAIN_TIMEOUT_S)
+            # In a thread: the loop must keep running so that requests cancelled by the server's
+            # shutdown run their cleanup (which cancels their jobs) while we wait for the worker.
+            await asyncio.to_thread(services.close, grace_s=WORKER_GRACE_S, drain_s=DRAIN_TIMEOUT_S)
 
     app = FastAPI(
         title="kvproxy",

@@ -118,6 +118,8 @@ class GenerationService:
             param = "messages" if hasattr(body, "messages") else "prompt"
         else:
             max_tokens = requested
+            if getattr(body, "max_completion_tokens", None) == requested and body.max_tokens != requested:
+                param = "max_completion_tokens"
         if n_prompt >= self.max_context or max_tokens < 1 or n_prompt + max_tokens > self.max_context:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_context} tokens. However, you "

@@ -58,7 +58,7 @@ class _SamplingRequest(_Request):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, description="kvproxy extension: 0 = off")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch's seed range
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -62,6 +62,7 @@ CASES: list[tuple[str, str, bytes, int, str | None, str | None]] = [
     ("temperature-high", CHAT, _raw(chat_body(SECRET, temperature=5)), 400, "temperature", None),
     ("top-p-zero", CHAT, _raw(chat_body(SECRET, top_p=0)), 400, "top_p", None),
     ("stop-wrong-type", CHAT, _raw(chat_body(SECRET, stop=7)), 400, "stop", None),
+    ("seed-huge", CHAT, _raw(chat_body(SECRET, seed=2**70)), 400, "seed", None),
     ("n-two", CHAT, _raw(chat_body(SECRET, n=2)), 400, "n", None),
     ("stream-not-bool", CHAT, _raw(chat_body(SECRET, stream="yes please")), 400, "stream", None),
     ("max-tokens-negative", CHAT, _raw(chat_body(SECRET, max_tokens=-1)), 400, "max_tokens", None),

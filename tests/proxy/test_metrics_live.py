@@ -27,11 +27,13 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 def test_counters_move_by_the_right_amounts(server: KvproxyServer) -> None:
     before = scrape(server)
-    body = chat_body(text(seed=80, words=100), cache_salt=salt())
+    body = chat_body("quetzalcoatl-marker " + text(seed=80, words=100), cache_salt=salt())
     first = httpx.post(server.url + CHAT, json=body, timeout=60).json()["usage"]
     second = httpx.post(server.url + CHAT, json=body, timeout=60).json()["usage"]
     assert httpx.post(server.url + CHAT, json={"model": "demo"}, timeout=10).status_code == 400
     after = scrape(server)
+    stats_text = httpx.get(server.url + "/v1/cache/stats", timeout=10).text
+    assert "quetzalcoatl" not in stats_text and "quetzalcoatl" not in str(after), "no prompt text, ever"
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
