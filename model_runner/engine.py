@@ -279,6 +279,11 @@ class Engine:
         if self._cache is None:
             return 0
         hashes = block_hashes(ids, self.block_size, namespace)
+        # Only blocks every layer still holds: a sliding layer keeps its last window - 1 tokens.
+        # Within a context the window covers that is everything, but a stale block must never
+        # be sliced from the wrong positions should that change.
+        oldest, _ = kv.storable_range(past)
+        first_block = max(first_block, -(-oldest // self.block_size))
         if len(hashes) <= first_block:
             return 0
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -199,3 +201,23 @@ def test_encode_chat_uses_the_template_and_has_a_fallback(llama: LoadedModel) ->
 def test_block_size_must_match_the_cache(llama: LoadedModel) -> None:
     with pytest.raises(ValueError, match="block_size"):
         Engine(llama, make_cache(8), BLOCK)
+
+
+def test_a_window_as_long_as_the_context_is_cached_up_to_its_end(
+    tiny_model_path: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = tmp_path / "mistral-w16"
+    shutil.copytree(tiny_model_path("mistral"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["sliding_window"] = 16
+    (model_dir / "config.json").write_text(json.dumps(config))
+    loaded = load_model(str(model_dir), "cpu", "float32", cache_dir=tmp_path / "cache")
+    assert loaded.max_context == 16 and loaded.cacheable
+    engine = Engine(loaded, make_cache(), BLOCK)
+    prompt = base_tokens(loaded, 10, seed=23)
+    with caplog.at_level("ERROR"):
+        first = run(engine, prompt, max_tokens=6)  # 16 tokens: the window is full at the end
+    assert "failed" not in caplog.text
+    assert first.tokens == reference(loaded, prompt, max_new_tokens=6)[: len(first.tokens)]
+    again = run(engine, prompt + first.tokens[:4], max_tokens=2).finished.usage
+    assert again.cached_tokens == 12
