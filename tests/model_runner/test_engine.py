@@ -221,3 +221,15 @@ def test_a_window_as_long_as_the_context_is_cached_up_to_its_end(
     assert first.tokens == reference(loaded, prompt, max_new_tokens=6)[: len(first.tokens)]
     again = run(engine, prompt + first.tokens[:4], max_tokens=2).finished.usage
     assert again.cached_tokens == 12
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llama: LoadedModel) -> None:
+    engine = Engine(llama, make_cache(), BLOCK)
+    prompt = base_tokens(llama, 10, seed=24)
+    sampled = {"temperature": 1.5, "max_tokens": 12}
+    a = run(engine, prompt, seed=5, **sampled).tokens
+    assert run(engine, prompt, seed=5, **sampled).tokens == a  # the second run is a cache hit
+    others = {tuple(run(engine, prompt, seed=s, **sampled).tokens) for s in range(6, 10)}
+    assert others - {tuple(a)}
+    greedy = run(engine, prompt, max_tokens=8).tokens
+    assert run(engine, prompt, max_tokens=8, temperature=2.0, top_k=1, seed=1).tokens == greedy

@@ -104,7 +104,7 @@ def test_greedy_equals_generate_with_shared_prefixes(
 
 
 @pytest.mark.parametrize("tier", ["disk", "redis"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", CACHED_KINDS)
 def test_prefix_from_lower_tier(
     kind: str, tier: str, load_tiny: Callable[[str], LoadedModel], tmp_path, request: pytest.FixtureRequest
 ) -> None:
