@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from model_runner.engine import Engine
@@ -19,8 +19,10 @@ from model_runner.sampling import SamplingParams
 from proxy.errors import ContextLengthExceeded, ServiceUnavailable
 from proxy.metrics import Metrics
 from proxy.request_log import RequestLog, RequestRecord, classify
-from proxy.schemas import ChatMessage, KvproxyUsage, PromptTokensDetails, Usage, _SamplingRequest
+from proxy.schemas import ChatMessage, KvproxyUsage, PromptTokensDetails, SamplingRequest, Usage
 from proxy.worker import JobStream, ModelWorker, QueueFull, WorkerClosed
+
+_DISCONNECT_POLL_S = 0.25
 
 
 class CancelledCounter:
@@ -106,7 +108,7 @@ class GenerationService:
         return await asyncio.to_thread(self.engine.encode_prompt, text)
 
     def build_request(
-        self, prompt_ids: list[int], body: _SamplingRequest, *, tenant: str
+        self, prompt_ids: list[int], body: SamplingRequest, *, tenant: str
     ) -> GenerationRequest:
         """Check the context budget and turn the body into an engine request."""
         n_prompt = len(prompt_ids)
@@ -156,10 +158,19 @@ class GenerationService:
                 self.cancelled.add(event.usage.completion_tokens)
             yield event
 
-    async def run(self, request: GenerationRequest, *, route: str, tenant: str) -> Outcome:
-        """Generate to the end and collect the text."""
+    async def run(
+        self,
+        request: GenerationRequest,
+        *,
+        route: str,
+        tenant: str,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Outcome:
+        """Generate to the end and collect the text. ``disconnected`` (``Request.is_disconnected``)
+        is polled meanwhile: nobody will read a long answer whose client has gone."""
         parts: list[str] = []
         stream = self.start(request)
+        watcher = asyncio.create_task(_cancel_on_disconnect(stream, disconnected)) if disconnected else None
         try:
             async for event in stream:
                 if isinstance(event, TextDelta):
@@ -171,6 +182,8 @@ class GenerationService:
             raise overloaded(exc) from None
         finally:
             stream.cancel()
+            if watcher is not None:
+                watcher.cancel()
         raise ServiceUnavailable("Generation stopped before it finished.", code="generation_aborted")
 
     def record(self, finished: Finished, *, route: str, tenant: str) -> Usage:
@@ -200,3 +213,13 @@ class GenerationService:
             )
         )
         return usage_from(finished)
+
+
+async def _cancel_on_disconnect(
+    stream: JobStream[TextDelta | Finished], disconnected: Callable[[], Awaitable[bool]]
+) -> None:
+    while not stream.cancel_event.is_set():
+        if await disconnected():
+            stream.cancel()
+            return
+        await asyncio.sleep(_DISCONNECT_POLL_S)

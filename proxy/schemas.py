@@ -52,7 +52,7 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class _SamplingRequest(_Request):
+class SamplingRequest(_Request):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -103,7 +103,7 @@ class _SamplingRequest(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -120,7 +120,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return min(values) if values else None
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text]
 
     @field_validator("prompt")

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from proxy.body import json_body
@@ -28,6 +28,7 @@ def check_model(services: ServicesDep, model: str) -> None:
 
 @router.post(ROUTE, response_model=None)
 async def chat_completions(
+    http_request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
     body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
@@ -46,7 +47,9 @@ async def chat_completions(
         return StreamingResponse(
             stream_sse(generation, stream, meta), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    outcome = await generation.run(request, route=ROUTE, tenant=principal.tenant)
+    outcome = await generation.run(
+        request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
+    )
     return ChatCompletion(
         id=completion_id,
         created=created,

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from proxy.body import json_body
@@ -21,6 +21,7 @@ ROUTE = "/v1/completions"
 
 @router.post(ROUTE, response_model=None)
 async def completions(
+    http_request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
     body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
@@ -39,7 +40,9 @@ async def completions(
         return StreamingResponse(
             stream_sse(generation, stream, meta), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    outcome = await generation.run(request, route=ROUTE, tenant=principal.tenant)
+    outcome = await generation.run(
+        request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
+    )
     return Completion(
         id=completion_id,
         created=created,

@@ -116,3 +116,19 @@ def test_full_queue_answers_503_with_retry_after(server_factory: ServerFactory) 
             assert resp.json()["error"]["code"] == "queue_full"
     # Still serving afterwards.
     assert httpx.post(small.url + "/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_disconnect_during_plain_request_stops_generation(server: KvproxyServer) -> None:
+    before = _stats(server)["cancelled"]["requests"]
+    body = chat_body(text(seed=51, words=40), max_tokens=MAX_CONTEXT - 200, temperature=1.0, seed=2)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)  # gives up and hangs up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = _stats(server)
+        if stats["cancelled"]["requests"] > before and not stats["queue"]["busy"]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the generation did not stop after the client hung up")
+    assert stats["locked_blocks"] == 0
