@@ -11,7 +11,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 from pydantic import ValidationError
 
@@ -21,29 +22,31 @@ from proxy.settings import ServeSettings
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
-_HELP: dict[str, str] = {
-    "model": "HF model id or local path (default: the offline `demo` model)",
-    "served_model_name": "model id clients must send (default: --model as given)",
-    "host": "address to bind (default 127.0.0.1)",
-    "port": "port to bind (default 8000)",
-    "block_size": "tokens per cached block (default 64)",
-    "memory_bytes": "memory tier budget, bytes or 512MiB / 4GiB (default 1GiB)",
-    "disk_dir": "disk tier directory (default: the user cache dir, kvproxy/blocks)",
-    "no_disk": "turn the disk tier off",
-    "disk_bytes": "disk tier cap (default 10GiB)",
-    "redis_url": "redis:// or rediss:// URL of a shared Redis tier (off by default)",
-    "redis_cluster": "the Redis URL names a Redis Cluster",
-    "redis_prefix": "key prefix in Redis (default kvp:v1:)",
-    "redis_ttl": "seconds a Redis block lives, refreshed on hit (default: no TTL)",
-    "store_timeout_ms": "bound on every Redis call (default 200)",
-    "breaker_cooldown_s": "seconds before a tripped Redis breaker retries (default 10)",
-    "max_queue": "requests that may wait for the model before 503 (default 64)",
-    "max_context": "context limit (default: the model's own)",
-    "default_max_tokens": "max_tokens when a request sets none (default 256)",
-    "device": "auto, cpu or cuda",
-    "dtype": "auto, float32, bfloat16 or float16",
-    "api_keys": "file of `KEY TENANT [admin]` lines; turns authentication on",
-}
+_HELP: Mapping[str, str] = MappingProxyType(
+    {
+        "model": "HF model id or local path (default: the offline `demo` model)",
+        "served_model_name": "model id clients must send (default: --model as given)",
+        "host": "address to bind (default 127.0.0.1)",
+        "port": "port to bind (default 8000)",
+        "block_size": "tokens per cached block (default 64)",
+        "memory_bytes": "memory tier budget, bytes or 512MiB / 4GiB (default 1GiB)",
+        "disk_dir": "disk tier directory (default: the user cache dir, kvproxy/blocks)",
+        "no_disk": "turn the disk tier off",
+        "disk_bytes": "disk tier cap (default 10GiB)",
+        "redis_url": "redis:// or rediss:// URL of a shared Redis tier (off by default)",
+        "redis_cluster": "the Redis URL names a Redis Cluster",
+        "redis_prefix": "key prefix in Redis (default kvp:v1:)",
+        "redis_ttl": "seconds a Redis block lives, refreshed on hit (default: no TTL)",
+        "store_timeout_ms": "bound on every Redis call (default 200)",
+        "breaker_cooldown_s": "seconds before a tripped Redis breaker retries (default 10)",
+        "max_queue": "requests that may wait for the model before 503 (default 64)",
+        "max_context": "context limit (default: the model's own)",
+        "default_max_tokens": "max_tokens when a request sets none (default 256)",
+        "device": "auto, cpu or cuda",
+        "dtype": "auto, float32, bfloat16 or float16",
+        "api_keys": "file of `KEY TENANT [admin]` lines; turns authentication on",
+    }
+)
 
 # The options offline warmup needs to reach the same stores as the server.
 STORE_OPTIONS = (

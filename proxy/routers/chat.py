@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -18,7 +20,7 @@ from proxy.streaming import StreamMeta, stream_sse
 router = APIRouter()
 ROUTE = "/v1/chat/completions"
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS: Mapping[str, str] = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def check_model(services: ServicesDep, model: str) -> None:
@@ -45,7 +47,7 @@ async def chat_completions(
         )
         stream = generation.start(request)
         return StreamingResponse(
-            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=SSE_HEADERS
+            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=dict(SSE_HEADERS)
         )
     outcome = await generation.run(
         request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected

@@ -38,7 +38,7 @@ async def completions(
         )
         stream = generation.start(request)
         return StreamingResponse(
-            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=SSE_HEADERS
+            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=dict(SSE_HEADERS)
         )
     outcome = await generation.run(
         request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
