@@ -10,6 +10,7 @@ once (the caller answers 503 + Retry-After) rather than letting requests pile up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -45,7 +46,7 @@ class JobStream(Generic[T]):
         self.started = threading.Event()
 
     # -- called on the worker thread --
-    def _send(self, kind: str, value: Any = None) -> None:
+    def deliver(self, kind: str, value: Any = None) -> None:
         try:
             self._loop.call_soon_threadsafe(self._items.put_nowait, (kind, value))
         except RuntimeError:
@@ -144,19 +145,19 @@ class ModelWorker:
                 return
             stream = job.stream
             if stream.cancel_event.is_set():
-                stream._send(_END)
+                stream.deliver(_END)
                 continue
             with self._lock:
                 self._current = job
             stream.started.set()
             try:
                 for item in job.work(stream.cancel_event):
-                    stream._send(_ITEM, item)
-                stream._send(_END)
+                    stream.deliver(_ITEM, item)
+                stream.deliver(_END)
             except Exception as exc:  # handed to the awaiting request, which maps it to HTTP
-                stream._send(_ERROR, exc)
+                stream.deliver(_ERROR, exc)
             except BaseException as exc:
-                stream._send(_ERROR, WorkerClosed(f"worker stopped: {exc.__class__.__name__}"))
+                stream.deliver(_ERROR, WorkerClosed(f"worker stopped: {exc.__class__.__name__}"))
                 raise
             finally:
                 with self._lock:
@@ -178,14 +179,17 @@ class ModelWorker:
                 break
             if job is not None:
                 job.stream.cancel_event.set()
-                job.stream._send(_ERROR, WorkerClosed("the server is shutting down"))
+                job.stream.deliver(_ERROR, WorkerClosed("the server is shutting down"))
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self.busy:
             time.sleep(0.02)
         with self._lock:
             if self._current is not None:
                 self._current.stream.cancel_event.set()
-        self._queue.put(None)
+        # The stop sentinel; if a submit raced the close and filled the queue, the thread is a
+        # daemon and its job was cancelled anyway.
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=1.0)
         if self._thread.is_alive():
             self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
         return not self._thread.is_alive()
