@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from model_runner.engine import Engine
+from model_runner.records import ContextLengthExceeded as EngineContextLengthExceeded
 from model_runner.records import Finished, GenerationRequest, TextDelta
 from model_runner.sampling import SamplingParams
 from proxy.errors import ContextLengthExceeded, ServiceUnavailable
@@ -180,6 +181,12 @@ class GenerationService:
                     return Outcome("".join(parts), event.finish_reason, usage)
         except WorkerClosed as exc:
             raise overloaded(exc) from None
+        except EngineContextLengthExceeded:
+            # build_request checks first; this only fires if the engine's budget ever differs.
+            raise ContextLengthExceeded(
+                f"The prompt plus max_tokens exceeds the model's context of {self.max_context} tokens.",
+                param="max_tokens",
+            ) from None
         finally:
             stream.cancel()
             if watcher is not None:
