@@ -2,9 +2,14 @@
 
 Key layout: ``<prefix><block hash as lowercase hex>``; the value is the record, untouched. Reads
 are one MGET (per hash slot in cluster mode), writes one pipeline. Every call is bounded by
-``timeout_ms`` (socket connect and read timeouts, no retry that could multiply them) and goes
-through a ``CircuitBreaker``: a down, slow or full Redis becomes misses, counted as errors, and
-after a few failures no network call is even attempted until the cooldown has passed.
+``timeout_ms`` as a whole and goes through a ``CircuitBreaker``: a down, slow or full Redis becomes
+misses, counted as errors, and after a few failures no network call is even attempted until the
+cooldown has passed.
+
+The socket timeouts alone bound each socket operation, not a call: a server that trickles a reply
+(every chunk just inside the timeout) could hold one MGET for seconds. So calls run on a small
+pool of threads and the caller waits at most ``timeout_ms`` for the answer; a call that overruns is
+a failure, and its connections are closed so the abandoned thread stops soon too.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,6 +39,13 @@ T = TypeVar("T")
 
 _CLEAR_BATCH = 500
 _BREAKER_FAILURES = 3
+# Threads that run Redis calls. A few calls abandoned at their deadline may still hold one each
+# until their connection is closed; past that, new calls wait in the queue and time out too.
+_CALL_THREADS = 4
+
+
+class CallDeadlineExceeded(TimeoutError):
+    """A Redis call did not complete within ``timeout_ms``."""
 
 
 def redact_url(url: str) -> str:
@@ -84,6 +98,7 @@ class RedisStore:
         self.breaker = CircuitBreaker(failure_threshold=_BREAKER_FAILURES, cooldown_s=breaker_cooldown_s)
         self._lock = threading.Lock()
         self._client: redis.Redis | RedisCluster | None = None
+        self._calls = ThreadPoolExecutor(max_workers=_CALL_THREADS, thread_name_prefix="kvproxy-redis")
         self._hits = 0
         self._misses = 0
         self._puts = 0
@@ -169,7 +184,9 @@ class RedisStore:
                 removed += int(client.unlink(*batch))
             return removed
 
-        return self._call("clear", scan_and_unlink) or 0
+        # Not bounded as a whole: a large prefix takes many SCAN pages (each page still is, by the
+        # socket timeout), and flushing is an admin action, never on a request's path.
+        return self._call("clear", scan_and_unlink, bounded=False) or 0
 
     def stats(self) -> StoreStats:
         """Counters of this process's calls; block and byte counts are not tracked for a shared
@@ -187,6 +204,7 @@ class RedisStore:
             )
 
     def close(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -200,12 +218,13 @@ class RedisStore:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _call(self, op: str, fn: Callable[[Any], T]) -> T | None:
-        """Run ``fn(client)`` under the breaker; ``None`` when skipped or failed (counted)."""
+    def _call(self, op: str, fn: Callable[[Any], T], *, bounded: bool = True) -> T | None:
+        """Run ``fn(client)`` under the breaker, within ``timeout_ms`` unless not ``bounded``;
+        ``None`` when skipped or failed (counted)."""
         if not self.breaker.allow():
             return None
         try:
-            result = fn(self._get_client())
+            result = self._run_bounded(fn) if bounded else fn(self._get_client())
         except ResponseError as exc:
             if isinstance(exc, ClusterError):
                 return self._failed(op, exc)
@@ -221,6 +240,32 @@ class RedisStore:
         with self._lock:
             self._last_ok = True
         return result
+
+    def _run_bounded(self, fn: Callable[[Any], T]) -> T:
+        """``fn(client)`` on the call threads; raises ``CallDeadlineExceeded`` after ``timeout_ms``
+        (or whatever ``fn`` raised)."""
+        future = self._calls.submit(lambda: fn(self._get_client()))
+        try:
+            return future.result(timeout=self.timeout_ms / 1000.0)
+        except FutureTimeout:
+            if not future.cancel():
+                # Running and stuck on a slow socket: closing the connections ends its read now
+                # rather than after a trickle of chunks, so the thread is free for the next call.
+                self._disconnect()
+            raise CallDeadlineExceeded(f"no complete answer within {self.timeout_ms} ms") from None
+
+    def _disconnect(self) -> None:
+        with self._lock:
+            client = self._client
+        if client is None:
+            return
+        try:
+            if isinstance(client, RedisCluster):
+                client.disconnect_connection_pools()
+            else:
+                client.connection_pool.disconnect()
+        except Exception as exc:  # best effort: the call has failed already either way
+            log.debug("redis disconnect failed: %s", self._scrub(exc))
 
     def _failed(self, op: str, exc: Exception) -> None:
         """Count an outage-like failure and feed the breaker."""
