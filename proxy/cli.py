@@ -69,17 +69,20 @@ STORE_OPTIONS = (
 
 
 def add_settings_options(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    # DESIGN: `--disk-dir DIR | --no-disk`; argparse refuses both at once.
+    disk_group = parser.add_mutually_exclusive_group()
     for name in names:
         field = ServeSettings.model_fields[name]
         flag = "--" + name.replace("_", "-")
         env = f"KVPROXY_{name.upper()}"
         help_text = f"{_HELP.get(name, '')} [env {env}]"
+        target = disk_group if name in ("disk_dir", "no_disk") else parser
         if field.annotation is bool:
-            parser.add_argument(
+            target.add_argument(
                 flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
             )
         else:
-            parser.add_argument(
+            target.add_argument(
                 flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
             )
 
@@ -99,7 +102,9 @@ def settings_error(exc: ValidationError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvproxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kvproxy", description="kvproxy: an OpenAI-compatible prefix-caching server for HF causal LMs"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server")

@@ -37,6 +37,7 @@ def kvproxy(
         (["--memory-bytes", "lots"], "--memory-bytes"),
         (["--redis-url", "http://x"], "--redis-url"),
         (["--device", "tpu"], "--device"),
+        (["--no-disk", "--disk-dir", "/tmp/x"], "not allowed with argument"),
     ],
 )
 def test_invalid_options_exit_2_naming_the_flag(args: list[str], needle: str) -> None:
