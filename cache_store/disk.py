@@ -13,7 +13,9 @@ start; the access order survives restarts through the files' modification times,
 refreshes at most once a minute.
 
 Any OS error (the root is a regular file, read-only, the disk is full) is counted and turns the
-call into a miss or a zero; the store marks itself unhealthy until a write succeeds again.
+call into a miss or a zero; the store marks itself unhealthy until a write succeeds again. Each
+such outage is logged once as a warning (a full disk fails every write: one line per block would
+drown the log), and its end once as info.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class DiskStore:
         self._evictions = 0
         self._errors: dict[str, int] = {}
         self._healthy = False
+        self._reported_down = False  # a warning went out for the current outage
         self._ready = False
         self._last_root_attempt = 0.0
         self._open_root()
@@ -226,9 +229,8 @@ class DiskStore:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                self._healthy = False
                 self._count_error_locked("put", 1)
-                log.warning("disk store cannot write under %s: %s", self.root, exc)
+                self._report_down(self._went_down_locked(), f"disk store cannot write under {self.root}", exc)
                 return False
             old = self._index.pop(key, None)
             if old is not None:
@@ -236,15 +238,34 @@ class DiskStore:
             self._index[key] = _Entry(nbytes=size, verified=True, touched_at=time.time())
             self._bytes += size
             self._puts += 1
-            self._healthy = True
+            self._came_back_locked()
             self._evict_locked()
         return True
 
     def _write_failed(self, exc: OSError) -> None:
         with self._lock:
-            self._healthy = False
             self._count_error_locked("put", 1)
-        log.warning("disk store cannot write under %s: %s", self.root, exc)
+            first = self._went_down_locked()
+        self._report_down(first, f"disk store cannot write under {self.root}", exc)
+
+    def _went_down_locked(self) -> bool:
+        """Mark the store unhealthy; True when this starts an outage not reported yet."""
+        self._healthy = False
+        first, self._reported_down = not self._reported_down, True
+        return first
+
+    def _came_back_locked(self) -> None:
+        self._healthy = True
+        if self._reported_down:
+            self._reported_down = False
+            log.info("disk store at %s is usable again", self.root)
+
+    @staticmethod
+    def _report_down(first: bool, what: str, exc: OSError) -> None:
+        if first:
+            log.warning("%s: %s; serving without the disk tier until it recovers", what, exc)
+        else:
+            log.debug("%s: %s", what, exc)
 
     def _evict_locked(self) -> None:
         while self._bytes > self.max_bytes and self._index:
@@ -282,17 +303,17 @@ class DiskStore:
                 raise PermissionError(f"no write access to {self.root}")
             entries = _scan(self.root)
         except OSError as exc:
-            log.warning("disk store unusable at %s: %s", self.root, exc)
             with self._lock:
-                self._healthy = False
                 self._count_error_locked("open", 1)
+                first = self._went_down_locked()
+            self._report_down(first, f"disk store unusable at {self.root}", exc)
             return
         with self._lock:
             for key, entry in entries:
                 self._index[key] = entry
                 self._bytes += entry.nbytes
             self._ready = True
-            self._healthy = True
+            self._came_back_locked()
             self._evict_locked()  # the cap may have shrunk since the last run
 
     def _path(self, key: bytes) -> Path:
