@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends
 
@@ -14,9 +16,12 @@ from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
 from proxy.errors import InvalidRequest
 from proxy.generation import overloaded
 from proxy.schemas import WarmupRequest
+from proxy.services import Services
 from proxy.worker import QueueFull, WorkerClosed
 
 router = APIRouter()
+
+R = TypeVar("R")
 
 _DRAIN_TIMEOUT_S = 120.0
 _QUEUE_RETRY_S = 60.0
@@ -100,7 +105,7 @@ async def warmup(
     }
 
 
-async def _on_worker(services: ServicesDep, work: Any) -> Any:
+async def _on_worker(services: Services, work: Callable[[threading.Event], R]) -> R:
     """Warmup shares the model thread with live traffic: wait for a queue slot rather than fail."""
     deadline = time.monotonic() + _QUEUE_RETRY_S
     while True:
