@@ -94,8 +94,12 @@ def storable_range(cache: DynamicCache) -> tuple[int, int]:
 
 
 def slice_blocks(cache: DynamicCache, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
-    """Per-block K/V of blocks ``first_block .. first_block + n_blocks - 1`` as contiguous CPU copies
-    (``[kv_heads, block_size, dim]`` per layer), ready for ``encode_block``."""
+    """Per-block K/V of blocks ``first_block .. first_block + n_blocks - 1`` (``[kv_heads,
+    block_size, dim]`` per layer, on CPU), ready for ``encode_block``.
+
+    The parts are views of the cache (no copy on CPU): ``encode_block`` copies strided views
+    straight into the record, and the caller encodes before the cache changes again (a
+    ``DynamicLayer`` update concatenates into a new tensor; it never writes into the old one)."""
     if n_blocks <= 0:
         return []
     start_tok = first_block * block_size
@@ -112,7 +116,7 @@ def slice_blocks(cache: DynamicCache, first_block: int, n_blocks: int, block_siz
             host = span.to("cpu") if span.device.type != "cpu" else span
             for i in range(n_blocks):
                 part = host[:, i * block_size : (i + 1) * block_size, :]
-                blocks[i][slot].append(part.clone(memory_format=torch.contiguous_format))
+                blocks[i][slot].append(part)
     return blocks
 
 
