@@ -11,14 +11,14 @@ import httpx
 from tests.proxy.helpers import salt, text
 from tests.proxy.server import KvproxyServer
 
-SHARED = [text(seed=21, words=90), text(seed=22, words=90)]
+SHARED = [text(seed=21, words=60), text(seed=22, words=60)]
 
 
 def _requests(cache_salt: str) -> list[dict[str, Any]]:
     bodies = []
     for i in range(16):
         # 12 share one of two long prefixes, 4 have prefixes of their own.
-        prefix = SHARED[i % 2] if i < 12 else text(seed=100 + i, words=60)
+        prefix = SHARED[i % 2] if i < 12 else text(seed=100 + i, words=40)
         body: dict[str, Any] = {"model": "demo", "max_tokens": 6, "temperature": 0, "cache_salt": cache_salt}
         if i % 3 == 0:
             bodies.append({**body, "prompt": f"{prefix} question {i}?"})
