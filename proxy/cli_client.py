@@ -89,10 +89,12 @@ def render_stats(stats: dict[str, Any], console: Console) -> None:
         if t.get("breaker"):
             state += f" (breaker {t['breaker']})"
         cap = t.get("capacity_bytes")
+        # A shared Redis is not counted (that would take a full SCAN); it reports 0 blocks.
+        shared = name == "redis" and not cap and not t.get("blocks")
         tiers.add_row(
             name,
-            str(t.get("blocks", 0)),
-            format_size(t.get("bytes", 0)),
+            "shared" if shared else str(t.get("blocks", 0)),
+            "-" if shared else format_size(t.get("bytes", 0)),
             format_size(cap) if cap else "-",
             str(t.get("hits", 0)),
             str(t.get("misses", 0)),
