@@ -99,6 +99,8 @@ def test_redis_down_at_start_then_back(rig: Rig) -> None:
 
     rig.ensure_redis_up()  # the breaker closes after the cooldown, on the first good call
     assert rig.health()["status"] == "ok"
+    redis_stats = rig.server.get_json("/v1/cache/stats")["tiers"]["redis"]
+    assert redis_stats["breaker"] == "closed" and redis_stats["healthy"], redis_stats
     body = chat_body(text(seed=110, words=120))
     first = chat(rig.server, body)
     rig.server.wait_written()
