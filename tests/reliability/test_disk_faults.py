@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import xxhash
@@ -26,7 +27,7 @@ DISK_FRAME = struct.Struct("<4sIQQ")
 WARMUP_PROMPTS = [text(seed=800 + i, words=150) for i in range(24)]
 
 
-def complete(server: LiveServer, prompt: str, **extra: object) -> dict[str, object]:
+def complete(server: LiveServer, prompt: str, **extra: object) -> dict[str, Any]:
     body = {"model": "demo", "prompt": prompt, "max_tokens": 4, "temperature": 0, **extra}
     resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text[:300]
@@ -83,8 +84,8 @@ def test_sigkill_while_writing_then_restart_reads_no_partial_record(
     for prompt in WARMUP_PROMPTS[::3]:
         got = complete(second, prompt)
         clean = complete(second, prompt, cache_salt=salt())
-        assert got["choices"][0]["text"] == clean["choices"][0]["text"]  # type: ignore[index]
-        hits += got["usage"]["kvproxy"]["cached_by_tier"].get("disk", 0)  # type: ignore[index]
+        assert got["choices"][0]["text"] == clean["choices"][0]["text"]
+        hits += got["usage"]["kvproxy"]["cached_by_tier"].get("disk", 0)
     assert hits > 0, "nothing came back from the disk written before the kill"
     assert "failed verification" not in second.log_text()
     assert "torn or corrupt" not in second.log_text()
