@@ -104,6 +104,7 @@ class RedisStore:
         self._puts = 0
         self._errors: dict[str, int] = {}
         self._last_ok = True
+        self._outage_reported = False  # a warning went out for the current outage
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -231,6 +232,7 @@ class RedisStore:
             # The server answered, with a command error (OOM, ACL, ...): count it, but it is no
             # outage: the breaker counts it as a sign of life, and reads keep working.
             self.breaker.record_success()
+            self._outage_over()
             self._count_error(op)
             log.debug("redis %s refused: %s", op, self._scrub(exc))
             return None
@@ -239,7 +241,14 @@ class RedisStore:
         self.breaker.record_success()
         with self._lock:
             self._last_ok = True
+        self._outage_over()
         return result
+
+    def _outage_over(self) -> None:
+        with self._lock:
+            reported, self._outage_reported = self._outage_reported, False
+        if reported:
+            log.info("redis %s available again; circuit closed", self.redacted_url)
 
     def _run_bounded(self, fn: Callable[[Any], T]) -> T:
         """``fn(client)`` on the call threads; raises ``CallDeadlineExceeded`` after ``timeout_ms``
@@ -268,13 +277,18 @@ class RedisStore:
             log.debug("redis disconnect failed: %s", self._scrub(exc))
 
     def _failed(self, op: str, exc: Exception) -> None:
-        """Count an outage-like failure and feed the breaker."""
-        was_open = self.breaker.state == "open"
+        """Count an outage-like failure and feed the breaker. An outage is logged once, when the
+        breaker first opens: every failed half-open trial reopens it, and a warning per cooldown
+        for as long as Redis stays down would bury everything else in the log."""
         self.breaker.record_failure()
+        opened = self.breaker.state == "open"
         with self._lock:
             self._errors[op] = self._errors.get(op, 0) + 1
             self._last_ok = False
-        if not was_open and self.breaker.state == "open":
+            first = opened and not self._outage_reported
+            if first:
+                self._outage_reported = True
+        if first:
             log.warning(
                 "redis %s unavailable (%s); circuit open for %.1fs",
                 self.redacted_url,
