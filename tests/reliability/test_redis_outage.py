@@ -131,9 +131,10 @@ def test_redis_killed_mid_traffic_and_restarted(rig: Rig) -> None:
     client.start()
     try:
         time.sleep(1.5)  # hits from Redis are flowing
+        log_before = len(rig.server.log_text().splitlines())
         rig.redis.kill()
         killed_at = len(replies)
-        time.sleep(2.0)
+        time.sleep(3.5)  # several breaker cooldowns: half-open trials fail and reopen it
         state = rig.redis_state()
         assert state["breaker"] in ("open", "half_open") and not state["healthy"], state
         assert rig.health()["status"] == "degraded"
@@ -148,6 +149,11 @@ def test_redis_killed_mid_traffic_and_restarted(rig: Rig) -> None:
         client.join(timeout=30)
     assert not failures, failures[:3]
     assert len(replies) > killed_at > 0
+    # One outage, one warning (not one per failed half-open trial), and one line when it ends.
+    outage_log = rig.server.log_text().splitlines()[log_before:]
+    warnings = [line for line in outage_log if "WARNING" in line and "redis" in line]
+    assert len(warnings) == 1, warnings
+    assert any("INFO" in line and "available again" in line for line in outage_log), outage_log[-5:]
     for index, reply in replies:
         assert reply.text == references[index].text
         within_bound(reply, references[index])
