@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import xxhash
 
 from cache_store.codec import peek_header
@@ -38,6 +39,7 @@ def block_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_then_restart_reads_no_partial_record(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
@@ -113,6 +115,7 @@ def _warnings_about_disk(server: LiveServer) -> list[str]:
     return [line for line in server.log_text().splitlines() if "WARNING" in line and "disk" in line]
 
 
+@pytest.mark.slow
 def test_disk_dir_under_a_regular_file(server_factory: ServerFactory, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a regular file where the disk tier's parent directory should be\n")
