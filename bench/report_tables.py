@@ -224,6 +224,7 @@ def divergence_section(r: dict[str, Any]) -> list[str]:
             fmt_ms(al[b]["hit_ttft"]),
             fmt_ms(al[b]["miss_total"]),
             fmt_ratio(al[b]["miss_total_vs_baseline"]),
+            f"{d['recommendation']['expected_hit_ttft'][b] * 1e3:.0f}",
         ]
         for b, x in d["by_block"].items()
     ]
@@ -235,6 +236,7 @@ def divergence_section(r: dict[str, Any]) -> list[str]:
         "hit ms",
         "miss ms",
         "miss / base",
+        "expected hit ms",
     ]
     rec = d["recommendation"]
     return (

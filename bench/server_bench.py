@@ -40,7 +40,7 @@ from bench.arms import Arm, ServerArm, Tokens
 from bench.context import BenchContext
 from bench.model_runner_bench import BENCH_MODEL, build_bench_model
 from bench.report import write_outputs
-from bench.sections_cache import capacity_servers, run_capacity, run_divergence
+from bench.sections_cache import capacity_servers, recommend_block, run_capacity, run_divergence
 from bench.sections_replay import prepare, run_chat, run_replay
 from bench.sections_ttft import run_misses, run_redis_restore, run_sweep, sweep_cases
 from bench.workloads import (
@@ -99,17 +99,17 @@ def plan(quick: bool) -> Plan:
             capacity=CapacityParams(prefixes=6, prefix_words=60, requests=15, memory_prefixes=2),
         )
     return Plan(
-        sweep=SweepParams(lengths=(512, 1024, 2048), reps=5),
-        miss_reps=7,
+        sweep=SweepParams(lengths=(512, 1024, 2048), reps=7),
+        miss_reps=9,
         miss_words=450,
         restore_tokens=2048,
-        restore_reps=9,
+        restore_reps=11,
         docqa=DocQAParams(),
         fanout=FanoutParams(prefixes=3, prefix_words=700, suffixes=6),
         chat=ChatParams(users=5, rounds=5),
         divergence=DivergenceParams(),
         aligned_tokens=1024,
-        aligned_reps=5,
+        aligned_reps=7,
         capacity=CapacityParams(),
     )
 
@@ -214,7 +214,19 @@ def main(argv: list[str] | None = None) -> None:
         "machine a multi-threaded prefill waits on whichever core another process holds; 0: "
         "torch's own default, all cores)",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only write the report, table and plot again from a saved server.json (no run)",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        saved["divergence"]["recommendation"] = recommend_block(saved["divergence"])
+        print(write_outputs(saved, args.out, None if saved["quick"] else ROOT / "docs" / "bench"))
+        return
     if args.threads:
         # Servers inherit it (torch reads OMP_NUM_THREADS at start), so all arms use the same count.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
