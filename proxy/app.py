@@ -10,12 +10,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.body import add_body_schemas
 from proxy.errors import install_error_handlers
 from proxy.routers import cache, chat, completions, dashboard, health, metrics, models
+from proxy.schemas import ChatCompletionRequest, CompletionRequest, WarmupRequest
 from proxy.services import Services
 from proxy.settings import ServeSettings
 
@@ -87,4 +91,14 @@ def create_app(settings: ServeSettings, services: Services | None = None) -> Fas
     for module in (chat, completions, models, cache, health, metrics, dashboard):
         app.include_router(module.router)
     app.add_middleware(RequestMetricsMiddleware, services=services)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            app.openapi_schema = add_body_schemas(
+                schema, (ChatCompletionRequest, CompletionRequest, WarmupRequest)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends
 
-from proxy.body import json_body
+from proxy.body import documented_body, json_body
 from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
 from proxy.errors import InvalidRequest
 from proxy.generation import overloaded
@@ -67,7 +67,7 @@ async def flush_cache(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -
     return {"deleted": removed, "tiers": list(services.settings.tiers)}
 
 
-@router.post("/v1/cache/warmup")
+@router.post("/v1/cache/warmup", openapi_extra=documented_body(WarmupRequest))
 async def warmup(
     principal: AdminDep,
     services: ServicesDep,

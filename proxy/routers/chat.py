@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from proxy.body import json_body
+from proxy.body import documented_body, json_body
 from proxy.deps import GenerationDep, PrincipalDep, ServicesDep
 from proxy.errors import ModelNotFound
 from proxy.schemas import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest
@@ -28,7 +28,7 @@ def check_model(services: ServicesDep, model: str) -> None:
         raise ModelNotFound(f"The model '{model[:200]}' does not exist on this server.", param="model")
 
 
-@router.post(ROUTE, response_model=None)
+@router.post(ROUTE, response_model=None, openapi_extra=documented_body(ChatCompletionRequest))
 async def chat_completions(
     http_request: Request,
     principal: PrincipalDep,

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from proxy.body import json_body
+from proxy.body import documented_body, json_body
 from proxy.deps import GenerationDep, PrincipalDep, ServicesDep
 from proxy.routers.chat import SSE_HEADERS, check_model
 from proxy.schemas import Completion, CompletionChoice, CompletionRequest
@@ -19,7 +19,7 @@ router = APIRouter()
 ROUTE = "/v1/completions"
 
 
-@router.post(ROUTE, response_model=None)
+@router.post(ROUTE, response_model=None, openapi_extra=documented_body(CompletionRequest))
 async def completions(
     http_request: Request,
     principal: PrincipalDep,
