@@ -32,6 +32,15 @@ _STOP = object()
 
 
 @dataclass(frozen=True)
+class TierClear:
+    """What ``clear_tiers`` did to one tier."""
+
+    removed: int
+    ok: bool
+    """False when the tier counted an error during the clear (it may still hold blocks)."""
+
+
+@dataclass(frozen=True)
 class WriterStats:
     """Background writer figures: blocks waiting, written to every lower tier, dropped because the
     queue was full, and failed (at least one lower tier did not store them)."""
@@ -156,14 +165,24 @@ class TieredStore:
         return max(counts)
 
     def clear(self) -> int:
-        """Empty every tier (Redis: only this prefix); queued writes are discarded."""
+        """Empty every tier (Redis: only this prefix); queued writes are discarded. Returns the
+        largest count any tier removed (``clear_tiers`` tells each tier apart)."""
+        return max(outcome.removed for outcome in self.clear_tiers().values())
+
+    def clear_tiers(self) -> dict[str, TierClear]:
+        """Empty every tier and say, per tier, how much it removed and whether it failed (a tier
+        that errors removes what it can and is reported, never raised)."""
         with self._io_lock:
             with self._cond:
                 self._cleared_seq = self._seq
                 self._deleted.clear()
-            counts = [self._observe(self.memory, "clear", self.memory.clear)]
-            counts += [self._observe(t, "clear", t.clear) for t in self.lower]
-        return max(counts)
+            outcomes: dict[str, TierClear] = {}
+            for tier in (self.memory, *self.lower):
+                errors_before = sum(tier.stats().errors.values())
+                removed = self._observe(tier, "clear", tier.clear)
+                ok = sum(tier.stats().errors.values()) == errors_before
+                outcomes[tier.name] = TierClear(removed=removed, ok=ok)
+        return outcomes
 
     # -- figures and lifecycle ------------------------------------------------------------------
 

@@ -132,5 +132,11 @@ def stats(server: str, api_key: str | None) -> int:
 
 def flush(server: str, api_key: str | None) -> int:
     result = admin_request("DELETE", server, api_key, "/v1/cache")
-    Console().print(f"flushed {result.get('deleted', 0)} blocks from {', '.join(result.get('tiers', []))}")
+    tiers: dict[str, Any] = result.get("tiers", {})
+    console = Console()
+    console.print(f"flushed {result.get('deleted', 0)} blocks from {', '.join(tiers)}")
+    failed = [name for name, outcome in tiers.items() if not outcome.get("ok", True)]
+    if failed:
+        console.print(f"[red]not flushed: {', '.join(failed)} failed; its blocks may remain[/red]")
+        return 1
     return 0

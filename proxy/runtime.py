@@ -13,6 +13,7 @@ from typing import Any
 
 from cache_store.prefix_cache import PrefixCache
 from cache_store.store import StoreStats
+from cache_store.tiered import TierClear
 from model_runner.cache_factory import StoreOptions, build_prefix_cache
 from model_runner.engine import Engine
 from model_runner.loading import load_model
@@ -88,13 +89,14 @@ class Runtime:
             "already_cached": math.ceil(result.cached_tokens / self.block_size),
         }
 
-    def clear(self) -> int:
-        """Empty every tier (Redis: only our prefix). Run on the model thread, between requests."""
+    def clear(self) -> dict[str, TierClear]:
+        """Empty every tier (Redis: only our prefix), per tier what was removed and whether it
+        failed. Run on the model thread, between requests."""
         if self.cache is None:
-            return 0
-        removed = self.cache.store.clear()
+            return {}
+        outcomes = self.cache.store.clear_tiers()
         self.cache.trie.clear()
-        return removed
+        return outcomes
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until the background writer has put every queued block into its tiers."""

@@ -61,10 +61,15 @@ async def cache_stats(
 async def flush_cache(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
     # On the model thread: a flush must not interleave with a running prefill's store calls.
     try:
-        removed = await services.worker.call(lambda _cancel: runtime.clear())
+        outcomes = await services.worker.call(lambda _cancel: runtime.clear())
     except (QueueFull, WorkerClosed) as exc:
         raise overloaded(exc) from None
-    return {"deleted": removed, "tiers": list(services.settings.tiers)}
+    # A tier that failed (Redis down) is reported, not hidden behind a plain 200 "done".
+    return {
+        "deleted": max((o.removed for o in outcomes.values()), default=0),
+        "complete": all(o.ok for o in outcomes.values()),
+        "tiers": {name: {"deleted": o.removed, "ok": o.ok} for name, o in outcomes.items()},
+    }
 
 
 @router.post("/v1/cache/warmup", openapi_extra=documented_body(WarmupRequest))

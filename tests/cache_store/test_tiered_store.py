@@ -14,7 +14,7 @@ from cache_store.disk import DiskStore
 from cache_store.memory import MemoryStore
 from cache_store.redis_store import RedisStore
 from cache_store.store import Buffer, StoreStats
-from cache_store.tiered import TieredStore
+from cache_store.tiered import TierClear, TieredStore
 from tests.support.redis_fixtures import RedisServer
 
 MiB = 1 << 20
@@ -165,6 +165,27 @@ def test_clear_empties_every_tier_and_discards_queued_writes(
     keys = [key(i) for i in range(10)]
     for tier in (tiered.memory, disk, redis_tier):
         assert tier.get_many(keys) == [None] * 10
+
+
+def test_clear_tiers_reports_a_tier_that_failed(tmp_path: Path, private_redis: RedisServer) -> None:
+    redis_tier = RedisStore(private_redis.url, prefix="kvptest:clear:", timeout_ms=200, breaker_cooldown_s=60)
+    store = TieredStore(MemoryStore(MiB), [DiskStore(tmp_path / "d", MiB), redis_tier])
+    try:
+        store.put_many([(key(i), b"v") for i in range(4)])
+        assert store.drain(10)
+        assert store.clear_tiers() == {
+            "memory": TierClear(4, True),
+            "disk": TierClear(4, True),
+            "redis": TierClear(4, True),
+        }
+        store.put_many([(key(i), b"v") for i in range(2)])
+        assert store.drain(10)
+        private_redis.stop()
+        outcome = store.clear_tiers()
+        assert outcome["memory"] == TierClear(2, True) and outcome["disk"] == TierClear(2, True)
+        assert outcome["redis"].ok is False
+    finally:
+        store.close()
 
 
 def test_observer_sees_every_tier_call(tmp_path: Path, private_redis: RedisServer) -> None:

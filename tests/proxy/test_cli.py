@@ -13,6 +13,7 @@ import pytest
 from tests.proxy.conftest import ServerFactory
 from tests.proxy.helpers import chat_body, text
 from tests.proxy.server import free_port
+from tests.support.redis_fixtures import RedisServer
 
 ADMIN = "sk-admin-cli-0123456789"
 
@@ -89,7 +90,7 @@ def test_stats_and_flush(server_factory: ServerFactory, tmp_path: Path) -> None:
     for needle in ("token hit rate", "memory", "recent requests", "full_hit"):
         assert needle in shown.stdout
     flushed = kvproxy("flush", "--server", server.url, "--api-key", ADMIN)
-    assert flushed.returncode == 0 and "flushed" in flushed.stdout
+    assert flushed.returncode == 0 and "flushed" in flushed.stdout and "not flushed" not in flushed.stdout
     stats = httpx.get(server.url + "/v1/cache/stats", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     assert stats["tiers"]["memory"]["blocks"] == 0
 
@@ -97,3 +98,20 @@ def test_stats_and_flush(server_factory: ServerFactory, tmp_path: Path) -> None:
 def test_no_server_is_a_one_line_error() -> None:
     proc = kvproxy("stats", "--server", f"http://127.0.0.1:{free_port()}", timeout=60)
     assert proc.returncode == 2 and "cannot reach" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flush_reports_a_tier_it_could_not_clear(
+    server_factory: ServerFactory, private_redis: RedisServer
+) -> None:
+    server = server_factory("--no-disk", "--redis-url", private_redis.url, "--redis-prefix", "kvptest:flush:")
+    resp = httpx.post(
+        server.url + "/v1/chat/completions", json=chat_body(text(seed=141, words=80)), timeout=60
+    )
+    assert resp.status_code == 200
+    private_redis.stop()
+    flushed = kvproxy("flush", "--server", server.url)
+    assert flushed.returncode == 1, flushed.stdout + flushed.stderr
+    assert "not flushed: redis" in flushed.stdout
+    result = httpx.delete(server.url + "/v1/cache", timeout=30).json()
+    assert result["complete"] is False
+    assert result["tiers"]["memory"]["ok"] is True and result["tiers"]["redis"]["ok"] is False
