@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from model_runner.demo import ensure_demo_model
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 BLOCK_SIZE = 16
 MAX_CONTEXT = 1024
@@ -23,7 +23,7 @@ MAX_CONTEXT = 1024
 # (by design) turns a hit into a miss; the tiers' own tests cover timeouts.
 BASE_ARGS = ["--block-size", str(BLOCK_SIZE), "--max-context", str(MAX_CONTEXT), "--store-timeout-ms", "2000"]
 
-ServerFactory = Callable[..., KvproxyServer]
+ServerFactory = Callable[..., LiveServer]
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +48,9 @@ def delete_prefix(redis_url: str, prefix: str) -> None:
             client.unlink(*keys[i : i + 500])
 
 
-def _factory(tmp: Path, cache_dir: Path, started: list[KvproxyServer]) -> ServerFactory:
-    def make(*args: str, env: dict[str, str] | None = None, start: bool = True) -> KvproxyServer:
-        server = KvproxyServer(
+def _factory(tmp: Path, cache_dir: Path, started: list[LiveServer]) -> ServerFactory:
+    def make(*args: str, env: dict[str, str] | None = None, start: bool = True) -> LiveServer:
+        server = LiveServer(
             [*BASE_ARGS, *args],
             log_path=tmp / f"server-{len(started)}.log",
             cache_dir=cache_dir,
@@ -66,7 +66,7 @@ def _factory(tmp: Path, cache_dir: Path, started: list[KvproxyServer]) -> Server
 def session_server_factory(
     tmp_path_factory: pytest.TempPathFactory, kvp_cache_dir: Path
 ) -> Iterator[ServerFactory]:
-    started: list[KvproxyServer] = []
+    started: list[LiveServer] = []
     yield _factory(tmp_path_factory.mktemp("servers"), kvp_cache_dir, started)
     for server in started:
         server.stop()
@@ -75,7 +75,7 @@ def session_server_factory(
 @pytest.fixture
 def server_factory(tmp_path: Path, kvp_cache_dir: Path) -> Iterator[ServerFactory]:
     """Servers for one test (stopped with SIGTERM afterwards)."""
-    started: list[KvproxyServer] = []
+    started: list[LiveServer] = []
     yield _factory(tmp_path, kvp_cache_dir, started)
     for server in started:
         server.stop()
@@ -89,7 +89,7 @@ def disk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(
     session_server_factory: ServerFactory, redis_url: str, session_redis_prefix: str, disk_dir: Path
-) -> KvproxyServer:
+) -> LiveServer:
     """The shared server: memory + disk + Redis tiers, no auth."""
     return session_server_factory(
         "--disk-dir", str(disk_dir), "--redis-url", redis_url, "--redis-prefix", session_redis_prefix

@@ -12,7 +12,7 @@ import pytest
 
 from tests.proxy.conftest import ServerFactory
 from tests.proxy.helpers import chat_body, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 ALICE = "sk-alice-0123456789"  # admin of tenant "alice"
 BOB = "sk-bob-0123456789"  # tenant "bob", not an admin
@@ -21,7 +21,7 @@ BOB = "sk-bob-0123456789"  # tenant "bob", not an admin
 @pytest.fixture(scope="module")
 def auth_server(
     session_server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory
-) -> KvproxyServer:
+) -> LiveServer:
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# test keys\n{ALICE} alice admin\n{BOB} bob\n")
     return session_server_factory("--no-disk", "--api-keys", str(keys))
@@ -41,7 +41,7 @@ def _h(key: str | None) -> dict[str, str]:
         ("DELETE", "/v1/cache"),
     ],
 )
-def test_v1_needs_a_valid_key(auth_server: KvproxyServer, key: str | None, method: str, path: str) -> None:
+def test_v1_needs_a_valid_key(auth_server: LiveServer, key: str | None, method: str, path: str) -> None:
     body = chat_body("hello") if method == "POST" else None
     resp = httpx.request(method, auth_server.url + path, headers=_h(key), json=body, timeout=10)
     assert resp.status_code == 401
@@ -50,12 +50,12 @@ def test_v1_needs_a_valid_key(auth_server: KvproxyServer, key: str | None, metho
     assert resp.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_open_routes_need_no_key(auth_server: KvproxyServer) -> None:
+def test_open_routes_need_no_key(auth_server: LiveServer) -> None:
     for path in ("/health", "/metrics", "/dashboard"):
         assert httpx.get(auth_server.url + path, timeout=10).status_code == 200, path
 
 
-def test_admin_routes_refuse_non_admin_keys(auth_server: KvproxyServer) -> None:
+def test_admin_routes_refuse_non_admin_keys(auth_server: LiveServer) -> None:
     for method, path, body in (
         ("GET", "/v1/cache/stats", None),
         ("DELETE", "/v1/cache", None),
@@ -68,7 +68,7 @@ def test_admin_routes_refuse_non_admin_keys(auth_server: KvproxyServer) -> None:
         assert ok.status_code == 200, (path, ok.text)
 
 
-def test_tenants_never_share_blocks(auth_server: KvproxyServer) -> None:
+def test_tenants_never_share_blocks(auth_server: LiveServer) -> None:
     body = chat_body(text(seed=70, words=100))
 
     def cached(key: str) -> int:
@@ -84,7 +84,7 @@ def test_tenants_never_share_blocks(auth_server: KvproxyServer) -> None:
     assert {"alice", "bob"} <= tenants
 
 
-def test_official_client_with_keys(auth_server: KvproxyServer) -> None:
+def test_official_client_with_keys(auth_server: LiveServer) -> None:
     good = openai.OpenAI(base_url=auth_server.url + "/v1", api_key=BOB, max_retries=0)
     assert [m.id for m in good.models.list().data] == ["demo"]
     bad = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-nope-0123456789", max_retries=0)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.proxy.conftest import MAX_CONTEXT
 from tests.proxy.helpers import chat_body
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 SECRET = "zebra-secret-prompt-words"
 CHAT = "/v1/chat/completions"
@@ -136,7 +136,7 @@ def check_error(resp: httpx.Response, status: int) -> dict[str, Any]:
     ("path", "body", "status", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
 def test_bad_request(
-    server: KvproxyServer, path: str, body: bytes, status: int, param: str | None, code: str | None
+    server: LiveServer, path: str, body: bytes, status: int, param: str | None, code: str | None
 ) -> None:
     resp = httpx.post(
         server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30
@@ -150,7 +150,7 @@ def test_bad_request(
         assert err["type"] == "invalid_request_error"
 
 
-def test_body_over_16_mib_is_413(server: KvproxyServer) -> None:
+def test_body_over_16_mib_is_413(server: LiveServer) -> None:
     filler = "x" * (17 * 1024 * 1024)
     body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": filler}]}).encode()
     resp = httpx.post(
@@ -159,12 +159,12 @@ def test_body_over_16_mib_is_413(server: KvproxyServer) -> None:
     check_error(resp, 413)
 
 
-def test_unknown_route_and_method(server: KvproxyServer) -> None:
+def test_unknown_route_and_method(server: LiveServer) -> None:
     check_error(httpx.get(server.url + "/v1/nope", timeout=10), 404)
     check_error(httpx.get(server.url + CHAT, timeout=10), 405)
 
 
-def test_server_healthy_after_bad_input(server: KvproxyServer) -> None:
+def test_server_healthy_after_bad_input(server: LiveServer) -> None:
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
     resp = httpx.post(server.url + CHAT, json=chat_body("a good request after the bad ones"), timeout=30)
     assert resp.status_code == 200

@@ -12,8 +12,7 @@ import pytest
 
 from tests.proxy.conftest import ServerFactory
 from tests.proxy.helpers import chat_body, text
-from tests.proxy.server import free_port
-from tests.support.redis_fixtures import RedisServer
+from tests.support.redis_fixtures import RedisServer, free_port
 
 ADMIN = "sk-admin-cli-0123456789"
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from tests.proxy.helpers import salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 SHARED = [text(seed=21, words=60), text(seed=22, words=60)]
 
@@ -45,7 +45,7 @@ def _send(url: str, body: dict[str, Any]) -> tuple[str, int]:
     return out, data["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-def test_sixteen_concurrent_clients_match_sequential(server: KvproxyServer) -> None:
+def test_sixteen_concurrent_clients_match_sequential(server: LiveServer) -> None:
     sequential = [_send(server.url, b) for b in _requests(salt())]
     concurrent_bodies = _requests(salt())  # a fresh namespace: the concurrent run starts cold too
     with ThreadPoolExecutor(max_workers=16) as pool:

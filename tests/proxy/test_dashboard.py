@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.proxy.helpers import chat_body, salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 CHROMIUM = os.environ.get("KVPROXY_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -41,13 +41,13 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-def traffic(server: KvproxyServer, seed: int) -> None:
+def traffic(server: LiveServer, seed: int) -> None:
     body = chat_body(text(seed=seed, words=90), cache_salt=salt())
     for _ in range(2):  # a miss, then a hit
         assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
-def stats(server: KvproxyServer) -> dict:
+def stats(server: LiveServer) -> dict:
     return httpx.get(server.url + "/v1/cache/stats", timeout=10).json()
 
 
@@ -55,7 +55,7 @@ def points(page: Page) -> int:
     return int(page.get_attribute("#hit-rate-chart", "data-points") or 0)
 
 
-def test_dashboard_shows_live_stats(server: KvproxyServer, browser: Browser) -> None:
+def test_dashboard_shows_live_stats(server: LiveServer, browser: Browser) -> None:
     traffic(server, seed=90)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server.url + "/dashboard?interval=300")

@@ -9,12 +9,13 @@ import httpx
 
 from tests.proxy.conftest import BLOCK_SIZE, ServerFactory
 from tests.proxy.helpers import chat_body, text
-from tests.proxy.server import KvproxyServer, free_port
+from tests.support.live_server import LiveServer
+from tests.support.redis_fixtures import free_port
 
 PASSWORD = "hunter2-not-a-real-password"
 
 
-def test_health_reports_every_tier(server: KvproxyServer) -> None:
+def test_health_reports_every_tier(server: LiveServer) -> None:
     body = httpx.get(server.url + "/health", timeout=5).json()
     assert body["status"] == "ok"
     assert set(body["tiers"]) == {"memory", "disk", "redis"}
@@ -23,7 +24,7 @@ def test_health_reports_every_tier(server: KvproxyServer) -> None:
     assert body["block_size"] == BLOCK_SIZE
 
 
-def test_startup_line(server: KvproxyServer) -> None:
+def test_startup_line(server: LiveServer) -> None:
     line = next(ln for ln in server.log_tail(200).splitlines() if "listening on" in ln)
     for part in (
         "model demo",

@@ -6,12 +6,12 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.proxy.helpers import chat_body, salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 CHAT = "/v1/chat/completions"
 
 
-def scrape(server: KvproxyServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(server: LiveServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     resp = httpx.get(server.url + "/metrics", timeout=10)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     samples = {}
@@ -25,7 +25,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_counters_move_by_the_right_amounts(server: KvproxyServer) -> None:
+def test_counters_move_by_the_right_amounts(server: LiveServer) -> None:
     before = scrape(server)
     body = chat_body("quetzalcoatl-marker " + text(seed=80, words=100), cache_salt=salt())
     first = httpx.post(server.url + CHAT, json=body, timeout=60).json()["usage"]

@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 
 from tests.proxy.helpers import expected_cached, salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 
 @dataclass
@@ -69,7 +69,7 @@ def run(client: OpenAI, api: str, stream: bool, prompt: str, cache_salt: str) ->
 
 
 @pytest.fixture(scope="module")
-def client(server: KvproxyServer) -> OpenAI:
+def client(server: LiveServer) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=60)
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from tests.proxy.conftest import MAX_CONTEXT, ServerFactory
 from tests.proxy.helpers import chat_body, salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 
-def _stats(server: KvproxyServer) -> dict[str, Any]:
+def _stats(server: LiveServer) -> dict[str, Any]:
     return httpx.get(server.url + "/v1/cache/stats", timeout=10).json()
 
 
@@ -25,7 +25,7 @@ def _long_prompt(seed: int) -> str:
     return text(seed=seed, words=330)
 
 
-def test_health_answers_fast_during_long_prefill(server: KvproxyServer) -> None:
+def test_health_answers_fast_during_long_prefill(server: LiveServer) -> None:
     done = threading.Event()
 
     def long_requests() -> None:
@@ -58,7 +58,7 @@ def test_health_answers_fast_during_long_prefill(server: KvproxyServer) -> None:
     assert max(latencies) < 0.2, f"slowest /health took {max(latencies) * 1000:.0f} ms"
 
 
-def test_disconnect_mid_stream_stops_generation(server: KvproxyServer) -> None:
+def test_disconnect_mid_stream_stops_generation(server: LiveServer) -> None:
     prompt, cache_salt = text(seed=50, words=60), salt()
     # A first request caches the prefix, so the streamed one holds locked blocks while it runs.
     warm = httpx.post(
@@ -118,7 +118,7 @@ def test_full_queue_answers_503_with_retry_after(server_factory: ServerFactory) 
     assert httpx.post(small.url + "/v1/completions", json=body, timeout=60).status_code == 200
 
 
-def test_disconnect_during_plain_request_stops_generation(server: KvproxyServer) -> None:
+def test_disconnect_during_plain_request_stops_generation(server: LiveServer) -> None:
     before = _stats(server)["cancelled"]["requests"]
     body = chat_body(text(seed=51, words=40), max_tokens=MAX_CONTEXT - 200, temperature=1.0, seed=2)
     with pytest.raises(httpx.TimeoutException):

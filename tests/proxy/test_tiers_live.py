@@ -10,17 +10,17 @@ import httpx
 
 from tests.proxy.conftest import ServerFactory
 from tests.proxy.helpers import chat_body, expected_cached, salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 
-def _chat(server: KvproxyServer, body: dict[str, object]) -> dict[str, object]:
+def _chat(server: LiveServer, body: dict[str, object]) -> dict[str, object]:
     resp = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
 
 def test_two_servers_share_redis(
-    server: KvproxyServer, server_factory: ServerFactory, redis_url: str, session_redis_prefix: str
+    server: LiveServer, server_factory: ServerFactory, redis_url: str, session_redis_prefix: str
 ) -> None:
     # Same Redis prefix as the shared server, no disk tier: only Redis can carry the blocks.
     other = server_factory("--no-disk", "--redis-url", redis_url, "--redis-prefix", session_redis_prefix)
@@ -49,7 +49,7 @@ def test_restart_on_same_disk_dir_hits_first_request(server_factory: ServerFacto
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
 
 
-def _wait_written(server: KvproxyServer, timeout_s: float = 10.0) -> None:
+def _wait_written(server: LiveServer, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         writer = httpx.get(server.url + "/v1/cache/stats", timeout=5).json()["writer"]

@@ -14,7 +14,7 @@ import redis
 
 from tests.proxy.conftest import BASE_ARGS, ServerFactory
 from tests.proxy.helpers import expected_cached, salt, text
-from tests.proxy.server import KvproxyServer
+from tests.support.live_server import LiveServer
 
 SYSTEM = text(seed=120, words=80)
 
@@ -51,7 +51,7 @@ def _cli(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _usage(server: KvproxyServer, path: str, body: dict[str, object]) -> dict:
+def _usage(server: LiveServer, path: str, body: dict[str, object]) -> dict:
     resp = httpx.post(server.url + path, json={"model": "demo", "max_tokens": 2, **body}, timeout=60)
     assert resp.status_code == 200, resp.text
     return resp.json()["usage"]
@@ -91,7 +91,7 @@ def test_offline_warmup_then_hits_on_every_tier(
 
 
 def test_warmup_through_the_server(
-    tmp_path: Path, kvp_cache_dir: Path, server: KvproxyServer, redis_url: str, session_redis_prefix: str
+    tmp_path: Path, kvp_cache_dir: Path, server: LiveServer, redis_url: str, session_redis_prefix: str
 ) -> None:
     files, chat, prompt = _files(tmp_path, seed=131)
     tenant = f"warm-{salt()[:8]}"  # a namespace of our own on the shared server
