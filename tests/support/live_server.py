@@ -1,8 +1,6 @@
-"""A live ``kvproxy serve`` subprocess on a free loopback port, for fault-injection tests.
-
-Like ``tests/proxy/server.py``'s ``KvproxyServer`` (same arguments and log handling), plus what
-fault tests need: a ``preexec_fn`` (to run the server under resource limits), SIGKILL, the
-server's RSS from ``/proc``, the whole log, and a start that accepts a degraded /health.
+"""A live ``kvproxy serve`` subprocess on a free loopback port, for end-to-end and fault tests:
+its log in a file, a start that waits for /health, graceful stop (SIGTERM) and SIGKILL, a
+``preexec_fn`` (to run the server under resource limits) and the server's RSS from ``/proc``.
 """
 
 from __future__ import annotations
