@@ -19,8 +19,51 @@ from bench.stats import fmt_ratio
 COMMAND = "python -m bench.server_bench"
 TARGET_MEMORY, TARGET_COLD, TARGET_MISS, TARGET_CHAT, TARGET_MGET = 1.10, 1.30, 1.03, 0.95, 0.80
 
-FINDINGS: dict[str, str] = {}
-"""Per missed target, what profiling found (written after the profile; shown only when missed)."""
+FINDINGS: dict[str, str] = {
+    "memory": (
+        "the engine itself is at the recipe's speed: in-process, 16 interleaved memory hits of 1024 "
+        "tokens cost 1.015x the recipe (server-reported TTFT of the same hits: 1.023x), and "
+        "pyinstrument over 512-token hits puts lookup + record verification at 2.5% and "
+        "`build_cache` at 3% of the TTFT, the rest being the same suffix forward the recipe runs. "
+        "The gap over HTTP is serving work the tiny-prompt row does not contain, so it is not "
+        "subtracted: tokenizing a 1-2k-token prompt (~1.2 ms), parsing the larger body, two thread "
+        "hand-offs (to the model thread and back to the event loop). `HTTP ms` above shows client - "
+        "server growing from ~4 ms (tiny prompt) to 5-9 ms; against a recipe TTFT of 50-60 ms at "
+        "512-1024 tokens that is 5-15%. py-spy of the server under this load finds no hotspot (the "
+        "model thread is > 90% inside the forward). Where a repetition lands on a busy spell of this "
+        "shared machine the median moves by a similar amount: compare `server / recipe`."
+    ),
+    "cold": (
+        "moving 16.8 MB (2048 tokens = 32 records) into a process that never held them. In-process "
+        "breakdown on this machine: raw MGET of those bytes 11-18 ms (~1 GB/s, Redis and its client "
+        "share the 2 cores), verification 2.5 ms, promotion into memory + trie 1-2 ms; 32 disk reads "
+        "from the page cache ~3 ms. The largest part is first touch of new memory: in a fresh process, "
+        "`build_cache` takes ~4,100 minor page faults (16 MB of 4 KB pages) per 2048-token restore "
+        "(getrusage) and 9-28 ms instead of 4.5 ms when freed buffers are reused, and the lookup "
+        "10-40 ms instead of 6 ms (~5 us per fault in this microVM); warm hits in a long-running "
+        "process reuse freed buffers. Suggested product change: a small pool of per-layer K/V buffers for restores "
+        "(so a cold restore does not fault in 16 MB), and chunked MGET with verification overlapped."
+    ),
+    "miss": (
+        "not the server: in isolation (14 interleaved requests of ~1,000 unique tokens, same "
+        "machine) the server's no-hit TTFT is 0.97-0.98x the in-process full prefill (server-reported "
+        "0.974x, client 0.983x); lookup on a miss is one hash pass, a trie probe and one batched call "
+        "per lower tier, and storing happens after the first token (`total` column). The spread in "
+        "the table is other processes on this shared machine landing on single repetitions."
+    ),
+    "mget": (
+        "2048 tokens, 32 records, in-process: `RedisStore.get_many` is within ~1.5 ms of the raw "
+        "MGET (a separate test of a plain client, socket timeouts and the bounded-call executor: "
+        "all 23-25 ms, no hidden cost there); verifying every record 2.5 ms (XXH3-64 "
+        "over every byte ~1.7 ms, header and token checks, zero-copy views); promotion into memory "
+        "+ trie 1-2 ms. ~5 ms on an 11-18 ms MGET gives ~0.7x; 0.8x leaves < 3 ms, which the "
+        "mandatory checksum alone nearly uses. Suggested product change: read in a few pipelined "
+        "MGET chunks and verify chunk k while chunk k+1 is on the wire. The DynamicCache build (one "
+        "copy of every byte, 4-5 ms) is the same for every tier."
+    ),
+}
+"""Per missed target, what profiling found (py-spy / pyinstrument / getrusage runs on this machine,
+separate from the timed run; shown only when the target is missed)."""
 
 
 def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:

@@ -242,7 +242,13 @@ def divergence_section(r: dict[str, Any]) -> list[str]:
     return (
         out
         + table(header, rows)
-        + ["", f"Recommended default block size: **{rec['block_size']}** ({rec['rule']})."]
+        + [
+            "",
+            f"Lowest expected hit TTFT on this machine: block size **{rec['block_size']}** ({rec['rule']}). "
+            "The smaller block size of a pair wins when prefill costs more per token than: "
+            + ", ".join(f"{k}: {v * 1e3:.2f} ms" for k, v in rec.get("breakeven_per_token_s", {}).items())
+            + ".",
+        ]
     )
 
 

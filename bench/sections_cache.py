@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from itertools import pairwise
 from typing import Any
 
 from bench.arms import Arm, Prepared, ServerArm, run_rotated
@@ -90,8 +91,14 @@ def recommend_block(result: dict[str, Any]) -> dict[str, Any]:
     sizes = sorted(int(b) for b in result["by_block"])
     per_token = aligned["baseline"]["median"] / aligned["prefix_tokens"]
     expected = {b: aligned[str(b)]["hit_ttft"]["median"] + (b - 1) / 2 * per_token for b in sizes}
+    hit = {b: aligned[str(b)]["hit_ttft"]["median"] for b in sizes}
+    # Prefill cost per token above which the smaller of two block sizes wins: its extra per-block
+    # cost against the (b - a) / 2 tokens it saves from rounding on average.
+    breakeven = {f"{a} vs {b}": (hit[a] - hit[b]) / ((b - a) / 2) for a, b in pairwise(sizes)}
     return {
         "block_size": min(sizes, key=lambda b: expected[b]),
+        "per_token_s": per_token,
+        "breakeven_per_token_s": breakeven,
         "rule": "lowest expected hit TTFT = full-hit TTFT + (block - 1) / 2 tokens lost to rounding "
         f"x {per_token * 1e3:.2f} ms per prefilled token",
         "expected_hit_ttft": {str(b): expected[b] for b in sizes},
