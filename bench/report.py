@@ -41,8 +41,9 @@ FINDINGS: dict[str, str] = {
         "`build_cache` takes ~4,100 minor page faults (16 MB of 4 KB pages) per 2048-token restore "
         "(getrusage) and 9-28 ms instead of 4.5 ms when freed buffers are reused, and the lookup "
         "10-40 ms instead of 6 ms (~5 us per fault in this microVM); warm hits in a long-running "
-        "process reuse freed buffers. Suggested product change: a small pool of per-layer K/V buffers for restores "
-        "(so a cold restore does not fault in 16 MB), and chunked MGET with verification overlapped."
+        "process reuse freed buffers. Suggested product change: a small pool of per-layer K/V "
+        "buffers for restores (so a cold restore does not fault in 16 MB), and chunked MGET with "
+        "verification overlapped."
     ),
     "miss": (
         "not the server: in isolation (14 interleaved requests of ~1,000 unique tokens, same "
