@@ -126,9 +126,12 @@ def run_sweep(
     p: SweepParams,
     cases: dict[int, list[SweepCase]],
     servers: dict[str, Server],
+    miss_server: Server,
 ) -> dict[str, Any]:
     """``servers``: memory, memory+disk, memory+redis (warmed here) and disk (restart), redis
-    (restart) (warmed by a stopped server before they started)."""
+    (restart) (warmed by a stopped server before they started). The miss arm has a memory-only
+    server of its own: the 16 MB of new blocks each 2048-token miss stores would otherwise change
+    the memory arm's allocator state (fresh pages to fault in) between its hits."""
     warm = [servers[name] for name in ("memory", "memory+disk", "memory+redis") if name in servers]
     all_prefixes = [c.prefix for cs in cases.values() for c in cs]
     for server in warm:
@@ -138,7 +141,7 @@ def run_sweep(
             ctx.recipe.prefill(c.request.group, c.request.ids[: c.request.recipe_prefix])
     arms: list[Arm] = [ctx.baseline, ctx.recipe]
     arms += [ServerArm(name, server) for name, server in servers.items()]
-    arms.append(ServerArm("miss", servers["memory"], salt_each=True))
+    arms.append(ServerArm("miss", miss_server, salt_each=True))
     tiny = servers["memory"]
     results: dict[str, Any] = {}
     overhead: list[Sample] = []

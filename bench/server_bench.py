@@ -144,12 +144,14 @@ def run(ctx: BenchContext, p: Plan, results: dict[str, Any]) -> None:
     cold = {"disk (restart)": ctx.server("disk-restart", disk="cold")}
     if has_redis:
         cold["redis (restart)"] = ctx.server("redis-restart", redis_name="cold")
+    miss_server = ctx.server("miss")
     servers = ctx.start(**warm, **cold)
+    miss_server.wait_ready()
     results["startup_s"] = {name: s.startup_s for name, s in servers.items()}
     section("sweep", results, t0)
-    results["sweep"] = run_sweep(ctx, p.sweep, cases, servers)
-    for name in cold:
-        servers[name].stop()
+    results["sweep"] = run_sweep(ctx, p.sweep, cases, servers, miss_server)
+    for server in [*(servers[name] for name in cold), miss_server]:
+        server.stop()
     # -- 2. misses, 3. Redis restore -----------------------------------------------------------------
     section("misses", results, t0)
     results["misses"] = run_misses(ctx, warm, p.miss_reps, p.miss_words, seed=21)
