@@ -129,6 +129,15 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("KVPROXY_API_KEY") or None
 
 
+def quiet_library_progress() -> None:
+    """transformers draws progress bars (loading weights, writing the demo model) that would
+    interleave with the one-line startup summary and warmup's own progress bar; the CLI, which
+    owns the process's output, turns them off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ServeSettings.model_fields)
     # Report a bad keys file (with its line) before paying for torch and the model imports.
@@ -139,6 +148,7 @@ def serve(args: argparse.Namespace) -> int:
     from proxy.app import SHUTDOWN_GRACE_S, create_app
     from proxy.services import Services
 
+    quiet_library_progress()
     services = Services.create(settings, keys=keys)
     log = logging.getLogger("kvproxy")
     if not settings.loopback and services.keys is None:

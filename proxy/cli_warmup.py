@@ -148,11 +148,12 @@ def _one_by_one(
 
 
 def offline(items: list[SourcedItem], args: argparse.Namespace, console: Console, totals: Totals) -> None:
-    from proxy.cli import STORE_OPTIONS, settings_from_args
+    from proxy.cli import STORE_OPTIONS, quiet_library_progress, settings_from_args
     from proxy.runtime import build_runtime
 
     settings = settings_from_args(args, STORE_OPTIONS)
     console.print(f"loading {settings.model_name} ...")
+    quiet_library_progress()
     runtime = build_runtime(settings, metrics=None)
     tenant = args.tenant or "default"
     salt = args.cache_salt or ""
