@@ -189,7 +189,7 @@ def load_model(
     except (OSError, ValueError, KeyError) as exc:
         raise LoadError(f"could not load {model or DEMO_NAME!r} as a causal LM: {exc}") from exc
     hf_model.to(torch_device)
-    hf_model.train(False)  # inference mode (Module.eval), spelled so a grep for eval( finds only real ones
+    hf_model.train(False)  # inference mode: the same switch as Module.eval, no dropout
 
     fingerprint = model_fingerprint(
         model_dir, dtype=str(torch_dtype).removeprefix("torch."), cache_file=cache_dir / "fingerprints.json"
