@@ -127,7 +127,8 @@ def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     return statistics.median(x / y for x, y in zip(a["samples"], b["samples"], strict=True))
 
 
-def _redis_url() -> str | None:
+def redis_url() -> str | None:
+    """``REDIS_URL`` (default the local server) when it answers, else ``None`` (Redis arms skipped)."""
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     try:
         with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
@@ -195,13 +196,13 @@ class _Scenario:
 
 
 def bench_ttft(loaded: LoadedModel, lengths: list[int], reps: int, workdir: Path) -> dict[str, Any]:
-    redis_url, prefix = _redis_url(), f"kvpbench:{uuid.uuid4().hex}:"
+    shared_redis, prefix = redis_url(), f"kvpbench:{uuid.uuid4().hex}:"
     tiers: dict[str, StoreOptions] = {
         "memory": StoreOptions(memory_bytes=4 << 30),
         "disk": StoreOptions(memory_bytes=4 << 30, disk_dir=workdir / "blocks", disk_bytes=8 << 30),
     }
-    if redis_url is not None:
-        tiers["redis"] = StoreOptions(memory_bytes=4 << 30, redis_url=redis_url, redis_prefix=prefix)
+    if shared_redis is not None:
+        tiers["redis"] = StoreOptions(memory_bytes=4 << 30, redis_url=shared_redis, redis_prefix=prefix)
     engines = {name: Engine(loaded, build_prefix_cache(opts, BLOCK), BLOCK) for name, opts in tiers.items()}
     miss_engine = Engine(loaded, build_prefix_cache(StoreOptions(memory_bytes=4 << 30), BLOCK), BLOCK)
     results: dict[str, Any] = {}

@@ -33,12 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
 import torch
 
 from bench.arms import Arm, ServerArm, Tokens
 from bench.context import BenchContext
-from bench.model_runner_bench import BENCH_MODEL, build_bench_model
+from bench.model_runner_bench import BENCH_MODEL, build_bench_model, redis_url
 from bench.report import write_outputs
 from bench.sections_cache import capacity_servers, recommend_block, run_capacity, run_divergence
 from bench.sections_replay import prepare, run_chat, run_replay
@@ -112,16 +111,6 @@ def plan(quick: bool) -> Plan:
         aligned_reps=7,
         capacity=CapacityParams(),
     )
-
-
-def redis_url() -> str | None:
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
-            client.ping()
-    except redis.RedisError:
-        return None
-    return url
 
 
 def section(name: str, results: dict[str, Any], started: float) -> None:
