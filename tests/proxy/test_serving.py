@@ -20,6 +20,18 @@ def _stats(server: LiveServer) -> dict[str, Any]:
     return httpx.get(server.url + "/v1/cache/stats", timeout=10).json()
 
 
+def _wait_cancelled(server: LiveServer, before: int, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The cache stats once the worker counted one more cancelled generation and went idle; fails
+    the test if the generation did not stop after the client left."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = _stats(server)
+        if stats["cancelled"]["requests"] > before and not stats["queue"]["busy"]:
+            return stats
+        time.sleep(0.05)
+    pytest.fail("the generation did not stop after the client disconnected")
+
+
 def _long_prompt(seed: int) -> str:
     """Close to the 1024-token context: about 970 tokens of prefill (~2.9 tokens a word)."""
     return text(seed=seed, words=330)
@@ -84,14 +96,7 @@ def test_disconnect_mid_stream_stops_generation(server: LiveServer) -> None:
             if chunks >= 4:
                 break  # leaving the block closes the connection mid-stream
     assert locked_mid_stream > 0, "the streamed request should hold its cached blocks while it runs"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = _stats(server)
-        if stats["cancelled"]["requests"] > before and not stats["queue"]["busy"]:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the generation did not stop after the client disconnected")
+    stats = _wait_cancelled(server, before)
     assert stats["locked_blocks"] == 0
     assert stats["cancelled"]["completion_tokens"] < MAX_CONTEXT - 300
 
@@ -123,12 +128,5 @@ def test_disconnect_during_plain_request_stops_generation(server: LiveServer) ->
     body = chat_body(text(seed=51, words=40), max_tokens=MAX_CONTEXT - 200, temperature=1.0, seed=2)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)  # gives up and hangs up
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = _stats(server)
-        if stats["cancelled"]["requests"] > before and not stats["queue"]["busy"]:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the generation did not stop after the client hung up")
+    stats = _wait_cancelled(server, before)
     assert stats["locked_blocks"] == 0
