@@ -23,6 +23,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import xxhash
@@ -113,17 +114,43 @@ class RecordHeader:
 
 @dataclass(frozen=True)
 class BlockKV:
-    """A verified block. ``keys[l]``/``values[l]``: [kv_heads, tokens, head_dim] views of the record."""
+    """A verified block: zero-copy views of the record's payload.
+
+    ``payload``: the flat payload (per layer, K then V); ``layer_shapes``: per layer
+    ``((kv_heads, tokens, k_dim), (kv_heads, tokens, v_dim))``. ``keys[l]``/``values[l]``
+    ([kv_heads, tokens, head_dim]) are made on first use; a restore that takes every layer at once
+    reads ``stacked()`` instead and never pays for the per-layer views.
+    """
 
     block_hash: bytes
     parent: bytes
     token_ids: tuple[int, ...]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    payload: torch.Tensor
+    layer_shapes: tuple[LayerShape, ...]
+
+    @cached_property
+    def _layers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return _split_payload(self.payload, self.layer_shapes)
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return self._layers[0]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return self._layers[1]
+
+    def stacked(self) -> torch.Tensor | None:
+        """The payload as one ``[n_layers, 2, kv_heads, tokens, head_dim]`` view (index 0 of dim 1
+        is K, 1 is V) when every layer's K and V have one shape; ``None`` otherwise."""
+        k0, v0 = self.layer_shapes[0]
+        if k0 != v0 or any(shapes != (k0, v0) for shapes in self.layer_shapes):
+            return None
+        return self.payload.view(len(self.layer_shapes), 2, *k0)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+        return self.payload.nbytes
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -341,13 +368,12 @@ def decode_block(
             flat = torch.frombuffer(view, dtype=header.dtype, count=count, offset=offset)
     else:
         flat = torch.frombuffer(view, dtype=header.dtype, count=count, offset=offset)
-    keys, values = _split_payload(flat, header.layer_shapes)
     return BlockKV(
         block_hash=header.block_hash,
         parent=header.parent,
         token_ids=header.token_ids,
-        keys=keys,
-        values=values,
+        payload=flat,
+        layer_shapes=header.layer_shapes,
     )
 
 

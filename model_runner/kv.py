@@ -37,6 +37,27 @@ def _to_device(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
     return torch.cat(list(parts), dim=1).unsqueeze(0)
 
 
+def _stack_blocks(blocks: Sequence[BlockKV], device: torch.device) -> torch.Tensor | None:
+    """Every layer's K and V of ``blocks`` in one copy: ``[n_layers, 2, kv_heads, tokens, dim]``
+    on ``device`` (tokens = all of the blocks'), or ``None`` when the blocks' layers do not share
+    one K/V shape (then the per-layer path runs). One ``torch.stack`` instead of a slice and a
+    concatenation per layer and block: ~16 ops instead of ~16 x blocks at 2048 tokens."""
+    views = [b.stacked() for b in blocks]
+    first = views[0]
+    if first is None or any(v is None or v.shape != first.shape for v in views):
+        return None
+    n_layers, _, heads, per_block, dim = first.shape
+    shape = (n_layers, 2, heads, len(views), per_block, dim)
+    if device.type == "cuda":
+        staging = torch.empty(shape, dtype=first.dtype, pin_memory=True)
+        torch.stack(views, dim=3, out=staging)  # type: ignore[arg-type]
+        stacked = staging.to(device, non_blocking=True)
+    else:
+        stacked = torch.stack(views, dim=3)  # type: ignore[arg-type]
+    # [L, 2, H, blocks, T, D] -> [L, 2, H, blocks * T, D]: blocks and T are adjacent, a view.
+    return stacked.view(n_layers, 2, heads, len(views) * per_block, dim)
+
+
 def build_cache(
     config: PretrainedConfig, blocks: Sequence[BlockKV], n_tokens: int, device: torch.device
 ) -> DynamicCache:
@@ -51,9 +72,12 @@ def build_cache(
     available = sum(len(b.token_ids) for b in blocks)
     if n_tokens > available:
         raise CacheLayoutError(f"asked for {n_tokens} tokens from blocks holding {available}")
-    if any(len(b.keys) != len(cache.layers) for b in blocks):
+    if any(len(b.layer_shapes) != len(cache.layers) for b in blocks):
         raise CacheLayoutError(f"blocks do not have the model's {len(cache.layers)} layers")
-    # Keep only the parts of the blocks that make up the first n_tokens tokens.
+    for index, layer in enumerate(cache.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise CacheLayoutError(f"layer {index} ({type(layer).__name__}) cannot be restored")
+    # Keep only the blocks that make up the first n_tokens tokens.
     spans: list[tuple[BlockKV, int]] = []
     remaining = n_tokens
     for block in blocks:
@@ -62,11 +86,15 @@ def build_cache(
         remaining -= take
         if remaining == 0:
             break
+    stacked = _stack_blocks([b for b, _ in spans], device)  # [L, 2, H, tokens, D] or None
     for index, layer in enumerate(cache.layers):
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            raise CacheLayoutError(f"layer {index} ({type(layer).__name__}) cannot be restored")
-        keys = _to_device([b.keys[index][:, :take] for b, take in spans], device)  # [1, H, n, Dk]
-        values = _to_device([b.values[index][:, :take] for b, take in spans], device)  # [1, H, n, Dv]
+        if stacked is not None:
+            # Views of the one copy; cropped to n_tokens (a view too).
+            keys = stacked[index, 0, :, :n_tokens].unsqueeze(0)  # [1, H, n, Dk]
+            values = stacked[index, 1, :, :n_tokens].unsqueeze(0)  # [1, H, n, Dv]
+        else:
+            keys = _to_device([b.keys[index][:, :take] for b, take in spans], device)  # [1, H, n, Dk]
+            values = _to_device([b.values[index][:, :take] for b, take in spans], device)  # [1, H, n, Dv]
         # Assign instead of layer.update(): update would cat onto an empty tensor, a second full
         # copy of the prefix on the hot path. These are the attributes update() itself sets.
         layer.lazy_initialization(keys, values)

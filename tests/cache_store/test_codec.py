@@ -72,6 +72,15 @@ def test_round_trip_is_exact_and_zero_copy(
         assert torch.equal(got, want)
         if start is not None:  # views of the record, not copies
             assert start <= got.data_ptr() and got.data_ptr() + got.nbytes <= start + len(buf)
+    stacked = block.stacked()  # [layers, 2, heads, tokens, dim] when K and V share a shape
+    if k_dim == v_dim:
+        assert stacked is not None and stacked.shape == (layers, 2, heads, BLOCK, k_dim)
+        assert torch.equal(stacked[:, 0], torch.stack(keys)) and torch.equal(
+            stacked[:, 1], torch.stack(values)
+        )
+        assert stacked.data_ptr() == block.keys[0].data_ptr()  # a view, like the per-layer ones
+    else:
+        assert stacked is None
     header = peek_header(buf)
     assert header.payload_offset % codec.PAYLOAD_ALIGN == 0
     assert header.n_layers == layers and header.dtype == dtype
@@ -111,6 +120,7 @@ def test_layers_that_differ_after_the_first_take_the_general_path() -> None:
     values = [torch.randn(1, BLOCK, 4), torch.randn(2, BLOCK, 4)]
     block = decode_block(encode_block(**EXPECT, keys=keys, values=values), **EXPECT)
     assert all(torch.equal(a, b) for a, b in zip(block.keys + block.values, keys + values, strict=True))
+    assert block.stacked() is None  # no single [layers, 2, heads, tokens, dim] view exists
 
 
 def _set(offset: int, fmt: str, value: object) -> Callable[[bytearray], bytearray]:

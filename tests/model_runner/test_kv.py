@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import DynamicCache, MistralConfig
+from transformers import DynamicCache, LlamaConfig, MistralConfig
 
 from cache_store.codec import BlockKV, decode_block, encode_block
 from cache_store.hashing import block_hashes, namespace_hash, parent_hashes
@@ -65,6 +65,29 @@ def test_slice_encode_decode_restore_round_trip(
         assert torch.equal(layer.values, original.values[:, :, :n_tokens])
 
 
+@pytest.mark.parametrize("n_tokens", [8, 7])
+def test_layers_of_different_shapes_restore_layer_by_layer(n_tokens: int) -> None:
+    """Blocks whose K and V differ in head dim (or whose layers differ) cannot be stacked into one
+    tensor; they are restored one layer at a time, to the same values."""
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=50)
+    gen = torch.Generator().manual_seed(0)
+    parts = [
+        (
+            [torch.randn(2, 4, 8, generator=gen) for _ in range(2)],
+            [torch.randn(2, 4, 6, generator=gen) for _ in range(2)],
+        )
+        for _ in range(2)
+    ]
+    blocks = [_block(keys, values) for keys, values in parts]
+    assert all(b.stacked() is None for b in blocks)
+    restored = kv.build_cache(config, blocks, n_tokens, CPU)
+    assert restored.get_seq_length() == n_tokens
+    for index, layer in enumerate(restored.layers):
+        want_k = torch.cat([keys[index] for keys, _ in parts], dim=1)[:, :n_tokens].unsqueeze(0)
+        want_v = torch.cat([values[index] for _, values in parts], dim=1)[:, :n_tokens].unsqueeze(0)
+        assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+
+
 def test_slices_are_views_and_records_outlive_cache_growth(load_tiny: Callable[[str], LoadedModel]) -> None:
     """slice_blocks copies nothing; the record encoded from its views keeps the values even after
     the cache grows (DynamicLayer.update concatenates into a new tensor)."""
@@ -95,16 +118,25 @@ def test_slices_are_views_and_records_outlive_cache_growth(load_tiny: Callable[[
         assert torch.equal(got, want)
 
 
+def _block(keys: list[torch.Tensor], values: list[torch.Tensor]) -> BlockKV:
+    digest = bytes(16)
+    ids = list(range(1, keys[0].shape[1] + 1))
+    record = encode_block(
+        namespace=digest, parent=digest, block_hash=digest, token_ids=ids, keys=keys, values=values
+    )
+    return decode_block(record, namespace=digest, parent=digest, block_hash=digest, token_ids=ids)
+
+
 def test_out_of_range_requests_are_errors(load_tiny: Callable[[str], LoadedModel]) -> None:
     loaded = load_tiny("llama")
     past = _filled(loaded, base_tokens(loaded, 8))
     with pytest.raises(kv.CacheLayoutError):
         kv.slice_blocks(past, 1, 2, 4)  # tokens 4..12 of an 8-token cache
     (keys, values) = kv.slice_blocks(past, 0, 1, 4)[0]
-    block = BlockKV(block_hash=b"h", parent=b"p", token_ids=(1, 2, 3, 4), keys=keys, values=values)
+    block = _block(keys, values)
     with pytest.raises(kv.CacheLayoutError, match="5 tokens"):
         kv.build_cache(loaded.model.config, [block], 5, CPU)
-    short = BlockKV(block_hash=b"h", parent=b"p", token_ids=(1, 2, 3, 4), keys=keys[:1], values=values[:1])
+    short = _block(keys[:1], values[:1])
     with pytest.raises(kv.CacheLayoutError, match="layers"):
         kv.build_cache(loaded.model.config, [short], 4, CPU)
     assert kv.build_cache(loaded.model.config, [], 0, CPU).get_seq_length() == 0
