@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from bench.server_proc import Sample, Server
 from model_runner.engine import Engine
+from model_runner.kv import cache_argument
 from model_runner.loading import LoadedModel
 
 
@@ -73,7 +74,7 @@ class Tokens:
 def _first_token(model: torch.nn.Module, ids: Sequence[int], past: DynamicCache | None = None) -> int:
     """Prefill ``ids`` (on top of ``past``) and pick the greedy token: logits of the last position
     only, as a server computes them. ``input_ids``: [1, len(ids)]."""
-    out = model(torch.tensor([list(ids)]), past_key_values=past, use_cache=True, logits_to_keep=1)
+    out = model(torch.tensor([list(ids)]), use_cache=True, logits_to_keep=1, **{cache_argument(model): past})
     return int(out.logits[0, -1].argmax().item())
 
 
@@ -97,12 +98,13 @@ class Recipe:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self._model = loaded.model
+        self._cache_kw = cache_argument(loaded.model)
         self._caches: dict[str, tuple[tuple[int, ...], DynamicCache]] = {}
 
     @torch.inference_mode()
     def prefill(self, group: str, prefix: Sequence[int]) -> None:
         cache = DynamicCache(config=self._model.config)
-        self._model(torch.tensor([list(prefix)]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._model(torch.tensor([list(prefix)]), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         self._caches[group] = (tuple(prefix), cache)
 
     def forget(self) -> None:

@@ -41,6 +41,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from model_runner.cache_factory import StoreOptions, build_prefix_cache
 from model_runner.engine import Engine
+from model_runner.kv import cache_argument
 from model_runner.loading import LoadedModel, load_model
 from model_runner.records import Finished, GenerationRequest
 from model_runner.sampling import SamplingParams
@@ -146,9 +147,10 @@ class _Scenario:
         self.vocab = len(loaded.tokenizer)
         self.rng = random.Random(n)
         self.shared = self.random_ids(n - SUFFIX)
+        self.cache_kw = cache_argument(loaded.model)
         with torch.inference_mode():
             self.template = DynamicCache(config=loaded.model.config)
-            loaded.model(torch.tensor([self.shared]), past_key_values=self.template, logits_to_keep=1)
+            loaded.model(torch.tensor([self.shared]), logits_to_keep=1, **{self.cache_kw: self.template})
         for engine in engines.values():
             engine.warmup(self.shared)
             cache = engine.prefix_cache
@@ -169,7 +171,7 @@ class _Scenario:
         with torch.inference_mode():
             past = copy.deepcopy(self.template)
             suffix = torch.tensor([ids[len(self.shared) :]])
-            self.loaded.model(suffix, past_key_values=past, logits_to_keep=1).logits[0, -1].argmax().item()
+            self.loaded.model(suffix, logits_to_keep=1, **{self.cache_kw: past}).logits[0, -1].argmax().item()
         return time.perf_counter() - start
 
     def tier(self, name: str, ids: list[int]) -> float:

@@ -247,7 +247,8 @@ def run_redis_restore(ctx: BenchContext, n_tokens: int, reps: int, seed: int) ->
     keys = [prefix.encode() + h.hex().encode() for h in hashes]
     with torch.inference_mode():
         probe = DynamicCache(config=ctx.loaded.model.config)
-        ctx.loaded.model(torch.tensor([[1]]), past_key_values=probe, use_cache=True, logits_to_keep=1)
+        cache_kw = kv.cache_argument(ctx.loaded.model)
+        ctx.loaded.model(torch.tensor([[1]]), use_cache=True, logits_to_keep=1, **{cache_kw: probe})
     shapes = kv.layer_shapes(probe, ctx.block)
     client = redis.Redis.from_url(ctx.redis_url, socket_timeout=30)
     tier = cache.store.lower[0]

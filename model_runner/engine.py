@@ -64,6 +64,7 @@ class Engine:
             log.warning("serving %s without prefix caching: %s", loaded.model_id, loaded.cache_reason)
         self._eos = _eos_ids(loaded)
         self._vocab_size = int(self._model.get_input_embeddings().num_embeddings)
+        self._cache_kw = kv.cache_argument(self._model)
         self._layer_shapes = self._probe_layer_shapes() if self._cache is not None else None
 
     # -- what the proxy reads ----------------------------------------------------------------
@@ -256,10 +257,10 @@ class Engine:
         position_ids = torch.arange(start, start + len(ids), device=self._device).unsqueeze(0)
         out = self._model(
             input_ids=input_ids,
-            past_key_values=past,
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: past},
         )
         return out.logits[0, -1]  # [vocab]
 

@@ -8,6 +8,7 @@ slides, see ``capability``) come here.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,17 @@ from cache_store.codec import BlockKV
 LayerShape = tuple[tuple[int, int, int], tuple[int, int, int]]
 BlockTensors = tuple[list[torch.Tensor], list[torch.Tensor]]
 """One block: (keys per layer, values per layer), each ``[kv_heads, block_size, dim]`` on CPU."""
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a model's ``forward`` takes its cache by: ``cache`` in transformers releases
+    that renamed it (``past_key_values`` is deprecated there, to be removed in 5.40), else
+    ``past_key_values``. Read once per model, not per call."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class CacheLayoutError(ValueError):

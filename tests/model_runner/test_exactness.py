@@ -69,9 +69,8 @@ def test_restored_logits_equal_full_prefill(kind: str, load_tiny: Callable[[str]
             assert past.get_seq_length() == cut
             suffix = torch.tensor([prompt[cut:]])
             positions = torch.arange(cut, len(prompt)).unsqueeze(0)
-            out = loaded.model(
-                input_ids=suffix, past_key_values=past, position_ids=positions, logits_to_keep=1
-            )
+            cache_kw = kv.cache_argument(loaded.model)
+            out = loaded.model(input_ids=suffix, position_ids=positions, logits_to_keep=1, **{cache_kw: past})
         diff = (out.logits[0, -1] - full).abs().max().item()
         assert diff <= 1e-5, f"cut {cut}: max abs diff {diff}"
 

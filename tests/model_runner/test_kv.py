@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +22,7 @@ CPU = torch.device("cpu")
 def _filled(loaded: LoadedModel, ids: list[int]) -> DynamicCache:
     past = DynamicCache(config=loaded.model.config)
     with torch.inference_mode():
-        loaded.model(torch.tensor([ids]), past_key_values=past, use_cache=True)
+        loaded.model(torch.tensor([ids]), use_cache=True, **{kv.cache_argument(loaded.model): past})
     return past
 
 
@@ -109,7 +111,8 @@ def test_slices_are_views_and_records_outlive_cache_growth(load_tiny: Callable[[
         values=values,
     )
     with torch.inference_mode():
-        loaded.model(input_ids=torch.tensor([ids[:1]]), past_key_values=past, use_cache=True)
+        cache_kw = kv.cache_argument(loaded.model)
+        loaded.model(input_ids=torch.tensor([ids[:1]]), use_cache=True, **{cache_kw: past})
     assert past.get_seq_length() == 9
     decoded = decode_block(
         record, namespace=namespace, parent=namespace, block_hash=block_hash, token_ids=ids[:4]
@@ -157,3 +160,17 @@ def test_storable_range_follows_a_sliding_window() -> None:
     assert kv.storable_range(past) == (5, 10)  # the layer keeps the last window - 1 tokens
     with pytest.raises(kv.CacheLayoutError):
         kv.slice_blocks(past, 0, 1, 4)
+
+
+def test_the_cache_goes_by_the_keyword_the_model_takes(load_tiny: Callable[[str], LoadedModel]) -> None:
+    class Legacy(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None) -> None: ...
+
+    assert kv.cache_argument(Legacy()) == "past_key_values"
+    loaded = load_tiny("llama")
+    name = kv.cache_argument(loaded.model)
+    assert name in inspect.signature(loaded.model.forward).parameters
+    with warnings.catch_warnings():
+        # The deprecated name warns (and goes away in transformers 5.40); the one we pick does not.
+        warnings.simplefilter("error", FutureWarning)
+        _filled(loaded, base_tokens(loaded, 4))
