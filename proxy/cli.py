@@ -30,6 +30,7 @@ _HELP: Mapping[str, str] = MappingProxyType(
         "port": "port to bind (default 8000)",
         "block_size": "tokens per cached block (default 64)",
         "memory_bytes": "memory tier budget, bytes or 512MiB / 4GiB (default 1GiB)",
+        "no_memory_reserve": "do not fault the memory budget in at start (RSS grows with use instead)",
         "disk_dir": "disk tier directory (default: the user cache dir, kvproxy/blocks)",
         "no_disk": "turn the disk tier off",
         "disk_bytes": "disk tier cap (default 10GiB)",
@@ -143,6 +144,16 @@ def serve(args: argparse.Namespace) -> int:
     # Report a bad keys file (with its line) before paying for torch and the model imports.
     keys = KeyTable.from_file(settings.api_keys) if settings.api_keys else None
 
+    log = logging.getLogger("kvproxy")
+    from model_runner import host_memory
+
+    # Before any thread starts or anything big is allocated (see model_runner/host_memory.py).
+    reserve = 0 if settings.no_memory_reserve else host_memory.reservation_bytes(settings.memory_bytes)
+    tuning = host_memory.tune_allocator(reserve)
+    if not tuning.applied:
+        log.debug("host allocator left as it is (%s)", tuning.reason)
+        reserve = 0
+
     import uvicorn
 
     from proxy.app import SHUTDOWN_GRACE_S, create_app
@@ -150,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
 
     quiet_library_progress()
     services = Services.create(settings, keys=keys)
-    log = logging.getLogger("kvproxy")
+    services.host_reserve_bytes = reserve
     if not settings.loopback and services.keys is None:
         log.warning(
             "binding %s with no --api-keys: anyone who can reach this port can use the "

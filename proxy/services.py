@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from model_runner import host_memory
 from model_runner.loading import LoadError
 from proxy.auth import KeyTable
 from proxy.errors import ServiceUnavailable
@@ -42,6 +43,10 @@ class Services:
     generation: GenerationService | None = None
     on_load_failed: Callable[[], None] | None = None
     """Called (from the loader thread) when the model cannot be loaded; the CLI stops the server."""
+    host_reserve_bytes: int | None = None
+    """Set by ``kvproxy serve``, which owns its process: once the model is loaded, freeze the
+    loaded objects out of the GC's way and fault in this much heap (``model_runner.host_memory``).
+    ``None`` (an app built inside another process, e.g. a test) leaves the process alone."""
     _loader: threading.Thread | None = None
 
     @classmethod
@@ -78,6 +83,10 @@ class Services:
             block_size=self.settings.block_size,
         )
         self.metrics.watch_tiers(runtime.tier_figures)
+        if self.host_reserve_bytes is not None:
+            host_memory.freeze_loaded_objects()
+            reserved = host_memory.reserve_heap(self.host_reserve_bytes)
+            log.debug("reserved %d MiB of heap for the memory tier", reserved >> 20)
         # Publish last: a reader that sees "ready" finds everything in place.
         self.runtime = runtime
         self.state = "ready"

@@ -130,3 +130,15 @@ def test_disconnect_during_plain_request_stops_generation(server: LiveServer) ->
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)  # gives up and hangs up
     stats = _wait_cancelled(server, before)
     assert stats["locked_blocks"] == 0
+
+
+def test_the_memory_budget_is_reserved_before_the_server_is_ready(server_factory: ServerFactory) -> None:
+    """`kvproxy serve` faults its memory tier's budget in while it loads (a request then never
+    pays for fresh pages); --no-memory-reserve leaves RSS to grow with use. Both answer alike."""
+    budget = 384 << 20
+    reserved = server_factory("--no-disk", "--memory-bytes", str(budget))
+    lazy = server_factory("--no-disk", "--memory-bytes", str(budget), "--no-memory-reserve")
+    assert reserved.rss_bytes() >= lazy.rss_bytes() + budget * 0.9
+    body = {"model": "demo", "prompt": text(seed=7, words=40), "max_tokens": 8, "temperature": 0}
+    answers = [httpx.post(s.url + "/v1/completions", json=body, timeout=60).json() for s in (reserved, lazy)]
+    assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
