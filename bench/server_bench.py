@@ -53,10 +53,13 @@ from bench.workloads import (
     doc_qa,
     fanout,
 )
+from model_runner import host_memory
 from model_runner.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 64
+SERVER_MEMORY_BYTES = 1 << 30
+"""The memory tier budget of the servers (their default)."""
 STORE_TIMEOUT_MS = 2000
 """Generous: on this shared 2-core machine a 200 ms bound can turn a slow Redis read into a miss,
 and the tiers' own tests cover timeouts; here we measure speed, not the breaker."""
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         saved["divergence"]["recommendation"] = recommend_block(saved["divergence"])
         print(write_outputs(saved, args.out, None if saved["quick"] else ROOT / "docs" / "bench"))
         return
+    # The in-process arms (baseline, recipe, the Redis restore section) run under the host memory
+    # settings of a `kvproxy serve` process, so both sides of every ratio allocate alike.
+    host_memory.tune_allocator(host_memory.reservation_bytes(SERVER_MEMORY_BYTES))
     if args.threads:
         # Servers inherit it (torch reads OMP_NUM_THREADS at start), so all arms use the same count.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         model_dir = build_bench_model(workdir / BENCH_MODEL)
         loaded = load_model(str(model_dir), "auto", "auto", cache_dir=workdir / "cache")
+        host_memory.freeze_loaded_objects()
+        host_memory.reserve_heap(host_memory.reservation_bytes(SERVER_MEMORY_BYTES))
         url = redis_url()
         print(f"{BENCH_MODEL} on {loaded.device} ({loaded.dtype}); Redis: {url or 'none'}", flush=True)
         print(json.dumps(asdict(p), default=str), flush=True)
