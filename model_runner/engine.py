@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -136,11 +136,13 @@ class Engine:
         prompt = list(request.prompt_ids)
         params = request.sampling
         namespace, hit = self._lookup(prompt, request.tenant, request.cache_salt)
+        looked_up = time.perf_counter()
         try:
             cached = self._cached_tokens(hit, len(prompt))
             past = self._restore(hit, cached)
+            phases = _Phases(started, looked_up, time.perf_counter())
             if cancel is not None and cancel.is_set():
-                usage = self._usage(prompt, [], cached, hit, started, None)
+                usage = self._usage(prompt, [], cached, hit, phases, None)
                 if hit is not None:
                     hit.release()
                 yield Finished("cancelled", usage)
@@ -190,7 +192,7 @@ class Engine:
             fed = past.get_seq_length()
             all_ids = prompt + generated
             self._store_new_blocks(namespace, all_ids[:fed], past, first_block=stored_blocks)
-            usage = self._usage(prompt, generated, cached, hit, started, first_token_at)
+            usage = self._usage(prompt, generated, cached, hit, phases, first_token_at)
             if hit is not None:
                 hit.release()  # before the last yield: a consumer may stop reading at Finished
             yield Finished(finish, usage)
@@ -301,7 +303,7 @@ class Engine:
         generated: list[int],
         cached: int,
         hit: PrefixHit | None,
-        started: float,
+        phases: _Phases,
         first_token_at: float | None,
     ) -> UsageReport:
         now = time.perf_counter()
@@ -318,7 +320,10 @@ class Engine:
             cached_tokens=cached,
             cached_by_tier=by_tier,
             prefilled_tokens=len(prompt) - cached if first_token_at is not None else 0,
-            ttft_s=ttft_end - started,
+            ttft_s=ttft_end - phases.started,
+            lookup_s=phases.looked_up - phases.started,
+            restore_s=phases.restored - phases.looked_up,
+            prefill_s=max(ttft_end - phases.restored, 0.0),
             decode_s=now - ttft_end,
             miss_reason=hit.miss_reason if hit is not None else "cache_disabled",
             miss_block=hit.miss_block if hit is not None else None,
@@ -330,6 +335,14 @@ class Engine:
         past = DynamicCache(config=self._model.config)
         self._forward([next(iter(self._eos), 0)], past, 0)
         return kv.layer_shapes(past, self.block_size)
+
+
+class _Phases(NamedTuple):
+    """``perf_counter`` marks of a request's way to its first token."""
+
+    started: float
+    looked_up: float
+    restored: float
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:

@@ -53,7 +53,9 @@ class UsageReport:
 
     ``cached_tokens``: prompt tokens restored from the prefix cache (``cached_by_tier`` splits
     them by tier); ``prefilled_tokens``: prompt tokens computed; ``ttft_s``: from the call to
-    the first sampled token (lookup, restore and prefill included); ``decode_s``: after that;
+    the first sampled token, the sum of ``lookup_s`` (hashing, tier reads, record checks),
+    ``restore_s`` (the K/V into the model's cache) and ``prefill_s`` (the uncached suffix through
+    the model, the first token sampled); ``decode_s``: after that;
     ``miss_reason``/``miss_block``: why and where the cached prefix stopped (see
     ``cache_store.prefix_cache.MISS_REASONS``).
     """
@@ -64,6 +66,9 @@ class UsageReport:
     cached_by_tier: dict[str, int] = field(default_factory=dict)
     prefilled_tokens: int = 0
     ttft_s: float = 0.0
+    lookup_s: float = 0.0
+    restore_s: float = 0.0
+    prefill_s: float = 0.0
     decode_s: float = 0.0
     miss_reason: str = "cache_disabled"
     miss_block: int | None = None

@@ -66,6 +66,9 @@ def usage_from(finished: Finished) -> Usage:
             miss_reason=report.miss_reason,
             miss_block=report.miss_block,
             prefilled_tokens=report.prefilled_tokens,
+            lookup_ms=round(report.lookup_s * 1000, 3),
+            restore_ms=round(report.restore_s * 1000, 3),
+            prefill_ms=round(report.prefill_s * 1000, 3),
         ),
     )
 

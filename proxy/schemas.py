@@ -167,6 +167,12 @@ class KvproxyUsage(BaseModel):
     miss_reason: str | None
     miss_block: int | None
     prefilled_tokens: int | None = None
+    lookup_ms: float | None = None
+    """Of ``ttft_ms``: hashing the blocks, reading the tiers, checking every record."""
+    restore_ms: float | None = None
+    """Of ``ttft_ms``: loading the verified K/V into the model's cache."""
+    prefill_ms: float | None = None
+    """Of ``ttft_ms``: the uncached suffix through the model, up to the first sampled token."""
 
 
 class PromptTokensDetails(BaseModel):

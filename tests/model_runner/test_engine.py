@@ -139,6 +139,9 @@ def test_warmup_stores_full_blocks_then_requests_hit(llama: LoadedModel) -> None
     assert usage.cached_tokens == 16 and usage.prefilled_tokens == 2
     assert usage.cached_by_tier == {"memory": 16}
     assert usage.miss_reason == "full_hit"
+    # The time to the first token, phase by phase.
+    assert min(usage.lookup_s, usage.restore_s, usage.prefill_s) > 0
+    assert usage.lookup_s + usage.restore_s + usage.prefill_s == pytest.approx(usage.ttft_s, abs=1e-6)
 
 
 def test_generated_blocks_are_stored_for_the_next_turn(llama: LoadedModel) -> None:

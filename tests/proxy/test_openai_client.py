@@ -88,6 +88,12 @@ def test_same_prompt_twice_is_a_hit_with_identical_text(client: OpenAI, api: str
     assert second.kvproxy["miss_reason"] == "full_hit"
     assert second.kvproxy["cached_by_tier"].get("memory") == second.cached_tokens
     assert second.kvproxy["ttft_ms"] > 0
+    for usage in (first.kvproxy, second.kvproxy):  # where the time to the first token went
+        phases = usage["lookup_ms"] + usage["restore_ms"] + usage["prefill_ms"]
+        assert min(usage["lookup_ms"], usage["restore_ms"], usage["prefill_ms"]) >= 0
+        assert abs(phases - usage["ttft_ms"]) < 0.01
+    assert first.kvproxy["prefill_ms"] > first.kvproxy["restore_ms"]  # a miss computes, a hit restores
+    assert second.kvproxy["restore_ms"] > 0
 
 
 def test_streamed_and_plain_agree(client: OpenAI) -> None:
