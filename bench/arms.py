@@ -117,16 +117,20 @@ class Recipe:
         if built:
             self.prefill(request.group, request.ids[: request.recipe_prefix])  # first use pays it
         prefix, template = self._caches.get(request.group, ((), None))
+        copied = start
         if template is not None and request.ids[: len(prefix)] == prefix and len(prefix) < len(request.ids):
             with torch.inference_mode():
                 past = copy.deepcopy(template)
+            copied = time.perf_counter()
             _first_token(self._model, request.ids[len(prefix) :], past)
             cached = 0 if built else len(prefix)  # prefilled in this very request: not a hit
         else:
             _first_token(self._model, request.ids)
             cached = 0
-        seconds = time.perf_counter() - start
-        return Sample(seconds, seconds, seconds, len(request.ids), cached)
+        end = time.perf_counter()
+        seconds = end - start
+        phases = {"lookup": 0.0, "restore": copied - start, "prefill": end - copied} if not built else {}
+        return Sample(seconds, seconds, seconds, len(request.ids), cached, phases_s=phases)
 
 
 class ServerArm:

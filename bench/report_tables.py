@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.stats import fmt_count, fmt_ms, fmt_ratio
+from bench.stats import fmt_count, fmt_ms, fmt_ms1, fmt_ratio
 
 SERVER_ARMS = ["memory", "memory+disk", "memory+redis", "disk (restart)", "redis (restart)"]
 
@@ -68,7 +68,26 @@ def sweep_section(r: dict[str, Any]) -> list[str]:
         "from tier",
         "HTTP ms",
     ]
-    return out + table(header, rows)
+    out += table(header, rows)
+    out += [
+        "",
+        "Where the time to the first token went, ms (median (min-max)): the servers' own "
+        "`usage.kvproxy` phases (lookup: hashing, tier reads, record checks; restore: K/V into the "
+        "`DynamicCache`; prefill: the suffix through the model and the first sample), and the "
+        "recipe's `deepcopy` (under restore) and forward (under prefill).",
+        "",
+    ]
+    phase_rows = []
+    for n, row in lengths.items():
+        for a in [x for x in ("recipe", *SERVER_ARMS) if x in row and _has_phases(row[x])]:
+            ph = row[a]["phases"]
+            phase_rows.append([n, a, *(fmt_ms1(ph[k]) for k in ("lookup", "restore", "prefill"))])
+    return out + table(["prefix", "arm", "lookup", "restore", "prefill"], phase_rows)
+
+
+def _has_phases(x: dict[str, Any]) -> bool:
+    """Rows from before the servers reported their phases (an older server.json) have none."""
+    return bool(x.get("phases", {}).get("prefill", {}).get("n"))
 
 
 def misses_section(r: dict[str, Any]) -> list[str]:

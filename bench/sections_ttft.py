@@ -102,6 +102,10 @@ def _row(
         "prompt_tokens": summary([s.prompt_tokens for s in samples]),
         "http_and_tokenize": summary([s.ttft_s - s.server_ttft_s for s in samples]),
         "vs_baseline": paired_ratios(client, [s.ttft_s for s in baseline]),
+        "phases": {
+            phase: summary([s.phases_s[phase] for s in samples if phase in s.phases_s])
+            for phase in ("lookup", "restore", "prefill")
+        },
     }
     if arm in EXPECTED_TIER:
         tier = EXPECTED_TIER[arm]

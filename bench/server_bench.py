@@ -101,7 +101,7 @@ def plan(quick: bool) -> Plan:
             capacity=CapacityParams(prefixes=6, prefix_words=60, requests=15, memory_prefixes=2),
         )
     return Plan(
-        sweep=SweepParams(lengths=(512, 1024, 2048), reps=7),
+        sweep=SweepParams(lengths=(512, 1024, 2048), reps=15),
         miss_reps=9,
         miss_words=450,
         restore_tokens=2048,

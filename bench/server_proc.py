@@ -46,6 +46,9 @@ class Sample:
     cached_by_tier: dict[str, int] = field(default_factory=dict)
     miss_reason: str | None = None
     text: str = ""
+    phases_s: dict[str, float] = field(default_factory=dict)
+    """Where the time to the first token went: the server's ``lookup``/``restore``/``prefill``
+    (``usage.kvproxy``); for the recipe ``restore`` is its deepcopy and ``prefill`` its forward."""
 
 
 class Server:
@@ -187,6 +190,11 @@ class Server:
             cached_by_tier=dict(extra.get("cached_by_tier") or {}),
             miss_reason=extra.get("miss_reason"),
             text="".join(parts),
+            phases_s={
+                phase: float(extra[f"{phase}_ms"]) / 1000.0
+                for phase in ("lookup", "restore", "prefill")
+                if extra.get(f"{phase}_ms") is not None
+            },
         )
 
     def warmup(self, prompts: list[str], cache_salt: str | None = None) -> dict[str, Any]:

@@ -57,6 +57,13 @@ def fmt_ms(s: Summary) -> str:
     return f"{s['median'] * 1e3:.0f} ({s['min'] * 1e3:.0f}-{s['max'] * 1e3:.0f})"
 
 
+def fmt_ms1(s: Summary) -> str:
+    """Like ``fmt_ms`` with one decimal (for phases of a few ms)."""
+    if not s["n"]:
+        return "-"
+    return f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f})"
+
+
 def fmt_ratio(s: Summary) -> str:
     if not s["n"]:
         return "-"
