@@ -8,6 +8,11 @@ by a crash or truncated by hand: the length is checked on every read, the checks
 read of a file this process did not write itself (later reads are already guarded by the record
 codec's own checksum, and hashing every read would cost a third of the read throughput).
 
+A batched read spreads its files over a few reader threads (``os.pread`` and the checksum
+release the GIL): a restarted server restores a prefix from files the page cache no longer
+holds, and a virtual disk serves 32 block files in about half the time with four reads in
+flight as with one.
+
 The index (sizes and access order) lives in memory and is rebuilt from the directory tree on
 start; the access order survives restarts through the files' modification times, which a hit
 refreshes at most once a minute.
@@ -29,6 +34,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +50,8 @@ _FRAME_VERSION = 1
 _TMP_SUFFIX = ".tmp"
 _TOUCH_INTERVAL_S = 60.0
 _RETRY_ROOT_S = 5.0
+_READERS = 4
+"""Reads in flight for one batched get."""
 
 
 @dataclass
@@ -75,20 +83,27 @@ class DiskStore:
         self._reported_down = False  # a warning went out for the current outage
         self._ready = False
         self._last_root_attempt = 0.0
+        self._readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="kvproxy-disk-read")
         self._open_root()
 
     # -- public API ---------------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | bytearray | None]:
-        out: list[bytes | bytearray | None] = []
-        for key in keys:
-            value = self._get_one(key)
-            with self._lock:
-                if value is None:
-                    self._misses += 1
-                else:
-                    self._hits += 1
-            out.append(value)
+        if len(keys) < 2:
+            out = [self._get_one(key) for key in keys]
+        else:
+            # Contiguous slices, one per reader: a prefix's blocks are read in order per thread.
+            step = -(-len(keys) // _READERS)
+            slices = [keys[i : i + step] for i in range(0, len(keys), step)]
+            try:
+                parts = list(self._readers.map(self._get_some, slices))
+            except RuntimeError:  # closed: no reader threads any more, read here
+                parts = [self._get_some(part) for part in slices]
+            out = [v for part in parts for v in part]
+        hits = sum(1 for value in out if value is not None)
+        with self._lock:
+            self._hits += hits
+            self._misses += len(out) - hits
         return out
 
     def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> int:
@@ -132,12 +147,16 @@ class DiskStore:
             )
 
     def close(self) -> None:
-        """Files are durable as soon as they are written; nothing to flush."""
+        """Files are durable as soon as they are written; only the reader threads stop."""
+        self._readers.shutdown(wait=False, cancel_futures=True)
 
     def __repr__(self) -> str:
         return f"DiskStore(root={str(self.root)!r}, max_bytes={self.max_bytes})"
 
     # -- reads ----------------------------------------------------------------------------------
+
+    def _get_some(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return [self._get_one(key) for key in keys]
 
     def _get_one(self, key: bytes) -> bytes | None:
         with self._lock:

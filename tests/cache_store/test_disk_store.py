@@ -35,6 +35,22 @@ def test_blocks_survive_a_restart(tmp_path: Path) -> None:
     assert second.stats().bytes == first.stats().bytes
 
 
+def test_a_batched_read_keeps_order_across_its_reader_threads(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, max_bytes=1 << 24)
+    items = [(key(i), os.urandom(20_000 + i)) for i in range(0, 40, 2)]  # odd keys never stored
+    store.put_many(items)
+    damage_block(store, key(10), "garbage_tail")
+    again = DiskStore(tmp_path, max_bytes=1 << 24)  # first reads check every frame checksum
+    wanted = [key(i) for i in range(40)]
+    stored = dict(items)
+    expected = [None if k == key(10) else stored.get(k) for k in wanted]
+    assert again.get_many(wanted) == expected
+    stats = again.stats()
+    assert (stats.hits, stats.misses) == (19, 21)
+    again.close()
+    assert again.get_many(wanted[:6]) == expected[:6], "a closed store still reads, on the caller's thread"
+
+
 def test_files_are_sharded_by_key(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, max_bytes=1 << 20)
     k = bytes.fromhex("abcdef" + "00" * 13)
