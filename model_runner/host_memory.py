@@ -90,12 +90,20 @@ def tune_allocator(reserve_bytes: int) -> AllocatorTuning:
 
 def reservation_bytes(budget: int) -> int:
     """What to reserve for a memory tier of ``budget`` bytes: the budget, but never more than half
-    of the memory the machine has available right now."""
-    available = _available_bytes()
+    of the memory available right now to this process (the machine's, or its container's when a
+    cgroup limit is lower)."""
+    available = available_bytes()
     return max(0, min(int(budget), available // 2 if available is not None else int(budget)))
 
 
-def _available_bytes() -> int | None:
+def available_bytes() -> int | None:
+    """``MemAvailable``, lowered to the cgroup's headroom (limit - usage) under a memory limit;
+    ``None`` where neither can be read."""
+    candidates = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
+    return min(candidates) if candidates else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -103,6 +111,29 @@ def _available_bytes() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+)
+_NO_LIMIT = 1 << 60  # v1 reports "no limit" as a number near 2**63
+
+
+def _cgroup_headroom() -> int | None:
+    for limit_path, usage_path in _CGROUP_FILES:
+        try:
+            with open(limit_path, encoding="ascii") as f:
+                raw = f.read().strip()
+            if raw == "max":
+                return None
+            limit = int(raw)
+            with open(usage_path, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        return None if limit >= _NO_LIMIT else max(limit - usage, 0)
     return None
 
 

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from model_runner import host_memory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +89,28 @@ def test_tuning_reports_what_it_keeps() -> None:
 def test_reservation_is_bounded_by_available_memory() -> None:
     assert host_memory.reservation_bytes(0) == 0
     assert host_memory.reservation_bytes(64 * MiB) == 64 * MiB
-    huge = 1 << 60
-    assert 0 < host_memory.reservation_bytes(huge) < huge  # half of what the machine has, at most
+    available = host_memory.available_bytes()
+    assert available is not None and available > 64 * MiB
+    # Half of what this process may still use, at most (memory may move between the two reads).
+    assert abs(host_memory.reservation_bytes(1 << 60) - available // 2) < 256 * MiB
+
+
+@pytest.mark.parametrize(
+    ("limit", "usage", "headroom"),
+    [("2147483648", "1073741824", 1 << 30), ("max", "5", None), (str(1 << 63), "5", None), ("100", "500", 0)],
+)
+def test_a_container_limit_bounds_the_reservation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str, usage: str, headroom: int | None
+) -> None:
+    """Inside a container /proc/meminfo shows the host: the cgroup's limit minus its usage wins."""
+    (tmp_path / "memory.max").write_text(limit + "\n")
+    (tmp_path / "memory.current").write_text(usage + "\n")
+    monkeypatch.setattr(
+        host_memory, "_CGROUP_FILES", ((str(tmp_path / "memory.max"), str(tmp_path / "memory.current")),)
+    )
+    assert host_memory._cgroup_headroom() == headroom
+    if headroom is not None:
+        assert host_memory.reservation_bytes(1 << 40) == headroom // 2
 
 
 def test_loaded_objects_are_frozen_out_of_the_collector() -> None:
