@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # The engine runs here as it runs in `kvproxy serve`: under the server's host memory settings
     # (model_runner/host_memory.py), which the recipe and no-cache arms share.
-    host_memory.tune_allocator(host_memory.reservation_bytes(MEMORY_BYTES))
+    tuning = host_memory.tune_allocator(host_memory.reservation_bytes(MEMORY_BYTES))
     if args.threads:
         torch.set_num_threads(args.threads)
     reps, new_tokens = (5, 32) if args.quick else (9, 128)
@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         model_dir = build_bench_model(workdir / BENCH_MODEL)
         loaded = load_model(str(model_dir), "auto", "auto", cache_dir=workdir / "cache")
-        host_memory.freeze_loaded_objects()
-        host_memory.reserve_heap(host_memory.reservation_bytes(MEMORY_BYTES))
+        host_memory.settle(tuning.reserve_bytes)
         print(
             f"{BENCH_MODEL} on {loaded.device} ({loaded.dtype}), {torch.get_num_threads()} threads",
             flush=True,

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     # The in-process arms (baseline, recipe, the Redis restore section) run under the host memory
     # settings of a `kvproxy serve` process, so both sides of every ratio allocate alike.
-    host_memory.tune_allocator(host_memory.reservation_bytes(SERVER_MEMORY_BYTES))
+    tuning = host_memory.tune_allocator(host_memory.reservation_bytes(SERVER_MEMORY_BYTES))
     if args.threads:
         # Servers inherit it (torch reads OMP_NUM_THREADS at start), so all arms use the same count.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -247,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         model_dir = build_bench_model(workdir / BENCH_MODEL)
         loaded = load_model(str(model_dir), "auto", "auto", cache_dir=workdir / "cache")
-        host_memory.freeze_loaded_objects()
-        host_memory.reserve_heap(host_memory.reservation_bytes(SERVER_MEMORY_BYTES))
+        host_memory.settle(tuning.reserve_bytes)
         url = redis_url()
         print(f"{BENCH_MODEL} on {loaded.device} ({loaded.dtype}); Redis: {url or 'none'}", flush=True)
         print(json.dumps(asdict(p), default=str), flush=True)

@@ -20,7 +20,6 @@ nothing and say so.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 from dataclasses import dataclass
@@ -45,16 +44,19 @@ _CHUNK = 16 * MiB  # under the mmap threshold, so reserved chunks come from the 
 class AllocatorTuning:
     applied: bool
     retain_bytes: int
+    """Freed memory glibc keeps (0 when not applied)."""
+    reserve_bytes: int
+    """What ``settle`` should fault in: the reservation asked for, 0 when not applied (an
+    allocator that hands memory back would waste it)."""
     reason: str = ""
 
 
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library the process runs on (its symbols are the main program's), with the three
+    calls used here typed; ``None`` without glibc's ``mallopt`` (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt  # noqa: B018  (glibc has it; musl and macOS do not)
+        libc = ctypes.CDLL(None)
+        libc.mallopt  # noqa: B018
     except (OSError, AttributeError):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -74,8 +76,9 @@ def tune_allocator(reserve_bytes: int) -> AllocatorTuning:
     Call it before the process starts threads and allocates in earnest."""
     libc = _libc()
     if libc is None:
-        return AllocatorTuning(False, 0, "not glibc")
-    retain = max(int(reserve_bytes), 0) + RETAIN_HEADROOM
+        return AllocatorTuning(False, 0, 0, "not glibc")
+    reserve = max(int(reserve_bytes), 0)
+    retain = reserve + RETAIN_HEADROOM
     retain = min(retain, 2**31 - 1)  # mallopt takes an int
     applied = all(
         libc.mallopt(param, value) == 1
@@ -85,7 +88,9 @@ def tune_allocator(reserve_bytes: int) -> AllocatorTuning:
             (_M_ARENA_MAX, 1),
         )
     )
-    return AllocatorTuning(applied, retain if applied else 0, "" if applied else "mallopt refused")
+    if not applied:
+        return AllocatorTuning(False, 0, 0, "mallopt refused")
+    return AllocatorTuning(True, retain, reserve)
 
 
 def reservation_bytes(budget: int) -> int:
@@ -155,6 +160,13 @@ def reserve_heap(nbytes: int) -> int:
         for ptr in chunks:
             libc.free(ptr)
     return len(chunks) * _CHUNK
+
+
+def settle(reserve_bytes: int) -> int:
+    """Once everything is loaded: freeze the loaded objects out of the collector, then fault in
+    ``reserve_bytes`` of heap (``AllocatorTuning.reserve_bytes``). Returns the bytes reserved."""
+    freeze_loaded_objects()
+    return reserve_heap(reserve_bytes)
 
 
 def freeze_loaded_objects() -> None:

@@ -148,11 +148,11 @@ def serve(args: argparse.Namespace) -> int:
     from model_runner import host_memory
 
     # Before any thread starts or anything big is allocated (see model_runner/host_memory.py).
-    reserve = 0 if settings.no_memory_reserve else host_memory.reservation_bytes(settings.memory_bytes)
-    tuning = host_memory.tune_allocator(reserve)
+    tuning = host_memory.tune_allocator(
+        0 if settings.no_memory_reserve else host_memory.reservation_bytes(settings.memory_bytes)
+    )
     if not tuning.applied:
         log.debug("host allocator left as it is (%s)", tuning.reason)
-        reserve = 0
 
     import uvicorn
 
@@ -161,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
 
     quiet_library_progress()
     services = Services.create(settings, keys=keys)
-    services.host_reserve_bytes = reserve
+    services.host_reserve_bytes = tuning.reserve_bytes
     if not settings.loopback and services.keys is None:
         log.warning(
             "binding %s with no --api-keys: anyone who can reach this port can use the "

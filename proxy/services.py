@@ -84,8 +84,7 @@ class Services:
         )
         self.metrics.watch_tiers(runtime.tier_figures)
         if self.host_reserve_bytes is not None:
-            host_memory.freeze_loaded_objects()
-            reserved = host_memory.reserve_heap(self.host_reserve_bytes)
+            reserved = host_memory.settle(self.host_reserve_bytes)
             log.debug("reserved %d MiB of heap for the memory tier", reserved >> 20)
         # Publish last: a reader that sees "ready" finds everything in place.
         self.runtime = runtime

@@ -30,9 +30,8 @@ tuning = None
 if mode != "plain":
     tuning = host_memory.tune_allocator(96 << 20)
 if mode == "reserved":
-    reserved = [0]
-    # Reserve on another thread, as the server's loader does; the buffers below are made on this one.
-    worker = threading.Thread(target=lambda: reserved.__setitem__(0, host_memory.reserve_heap(96 << 20)))
+    # Settle on another thread, as the server's loader does; the buffers below are made on this one.
+    worker = threading.Thread(target=host_memory.settle, args=(tuning.reserve_bytes,))
     worker.start(); worker.join()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -45,16 +44,21 @@ print(json.dumps({"faults": faults() - before, "applied": bool(tuning and tuning
 """
 
 
-def _probe(mode: str) -> dict[str, int]:
+def _python(code: str, *args: str) -> str:
+    """The last line ``code`` prints, run by a fresh interpreter from the repository root."""
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(PROBE), mode],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _probe(mode: str) -> dict[str, int]:
+    return json.loads(_python(PROBE, mode))
 
 
 def test_a_reservation_is_reused_without_page_faults() -> None:
@@ -68,22 +72,14 @@ def test_a_reservation_is_reused_without_page_faults() -> None:
 
 
 def test_tuning_reports_what_it_keeps() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from model_runner import host_memory as h; t = h.tune_allocator(64 << 20); "
-            "print(t.applied, t.retain_bytes)",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    line = _python(
+        "from model_runner import host_memory as h; t = h.tune_allocator(64 << 20); "
+        "print(t.applied, t.retain_bytes, t.reserve_bytes)"
     )
-    applied, retain = result.stdout.split()
+    applied, retain, reserve = line.split()
     assert applied == "True"
     assert int(retain) == 64 * MiB + host_memory.RETAIN_HEADROOM
+    assert int(reserve) == 64 * MiB
 
 
 def test_reservation_is_bounded_by_available_memory() -> None:
@@ -114,18 +110,9 @@ def test_a_container_limit_bounds_the_reservation(
 
 
 def test_loaded_objects_are_frozen_out_of_the_collector() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import gc; from model_runner import host_memory as h; "
-            "before = gc.get_freeze_count(); h.freeze_loaded_objects(); print(before, gc.get_freeze_count())",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    line = _python(
+        "import gc; from model_runner import host_memory as h; "
+        "before = gc.get_freeze_count(); h.freeze_loaded_objects(); print(before, gc.get_freeze_count())"
     )
-    before, after = map(int, result.stdout.split())
+    before, after = map(int, line.split())
     assert before == 0 and after > 1000
