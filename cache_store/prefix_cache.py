@@ -187,10 +187,16 @@ class PrefixCache:
             raise ValueError("token_ids is shorter than the hashed blocks")
         indices = range(first_block, first_block + len(keys_values))
         present = self.trie.contains([hashes[i] for i in indices])
+        # A block whose parent memory does not hold can never be read from memory (a lookup
+        # takes memory's leading run), and putting it there would evict the blocks of a prefix
+        # that can: such blocks go to the lower tiers only.
+        linked = first_block == 0 or self.trie.contains([hashes[first_block - 1]])[0]
         bs = self.block_size
         items: list[tuple[bytes, bytearray]] = []
+        lower_only: list[tuple[bytes, bytearray]] = []
         for i, (keys, values), known in zip(indices, keys_values, present, strict=True):
             if known:
+                linked = True
                 continue
             record = encode_block(
                 namespace=namespace,
@@ -200,10 +206,15 @@ class PrefixCache:
                 keys=keys,
                 values=values,
             )
+            if not linked:
+                lower_only.append((hashes[i], record))
+                continue
             # Into the trie (pinned) before memory, so the trie policy never meets one of our keys
             # as a stranger and cannot pick a block between its insert and its put.
             self.trie.insert([hashes[i]], hashes[i - 1] if i else None, [len(record)], pin=True)
             items.append((hashes[i], record))
+        if lower_only:
+            self.store.put_lower(lower_only)
         new_keys = [key for key, _ in items]
         try:
             taken = self.store.put_many(items) if items else 0
@@ -217,9 +228,9 @@ class PrefixCache:
                 if not ok:
                     self.trie.removed(key)
         with self._lock:
-            self._stored += len(items)
-            self._skipped += len(keys_values) - len(items)
-        return len(items)
+            self._stored += len(items) + len(lower_only)
+            self._skipped += len(keys_values) - len(items) - len(lower_only)
+        return len(items) + len(lower_only)
 
     def stats(self) -> PrefixCacheStats:
         trie = self.trie.stats()

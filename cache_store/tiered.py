@@ -128,8 +128,13 @@ class TieredStore:
     def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> int:
         """Store in memory now (returns how many memory took) and queue for the lower tiers."""
         stored = self._observe(self.memory, "put", self.memory.put_many, items)
+        self.put_lower(items)
+        return stored
+
+    def put_lower(self, items: Sequence[tuple[bytes, Buffer]]) -> None:
+        """Queue ``items`` for the lower tiers only (memory is not written)."""
         if not self.lower or self._closed:
-            return stored
+            return
         for key, value in items:
             with self._cond:
                 self._seq += 1
@@ -140,7 +145,6 @@ class TieredStore:
                     self._dropped += 1
                     continue
                 self._pending += 1
-        return stored
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every queued write has reached (or failed at) its tiers; False on timeout."""

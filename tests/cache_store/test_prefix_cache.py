@@ -249,3 +249,23 @@ def test_pinned_blocks_survive_memory_pressure(tmp_path: Path) -> None:
             assert again.miss_reason == "full_hit"
     finally:
         t.store.close()
+
+
+def test_blocks_whose_parent_memory_lost_go_to_the_lower_tiers_only(tmp_path: Path) -> None:
+    """Memory holds two blocks. A prompt's blocks stored in two calls (as chunked prefill does):
+    the second call's blocks have a parent memory refused, so they must not evict the prefix
+    memory can serve; the lower tier still gets every block."""
+    disk = DiskStore(tmp_path / "blocks", 1 << 30)
+    t = build([disk], memory_bytes=2 * record_size() + 64)
+    tokens = list(range(1, 6 * BS + 1))  # 6 full blocks
+    hashes = block_hashes(tokens, BS, NS)
+    first = t.cache.store_blocks(NS, tokens, hashes, 0, [kv_for(tokens, i) for i in range(3)])
+    second = t.cache.store_blocks(NS, tokens, hashes, 3, [kv_for(tokens, i) for i in range(3, 6)])
+    assert (first, second) == (3, 3)
+    assert t.store.drain(10)
+    assert t.memory.contains(hashes) == [True, True, False, False, False, False]
+    assert disk.contains(hashes) == [True] * 6
+    with t.lookup(tokens) as hit:
+        assert hit.tiers == ["memory", "memory", "disk", "disk", "disk", "disk"]
+        assert_blocks_match(hit, tokens)
+    t.store.close()
