@@ -1,9 +1,14 @@
-"""Pure functions between stored blocks and a transformers ``DynamicCache``.
+"""Per-request K/V: stored blocks in, new tokens appended in place, full blocks sliced out.
 
 Shapes: a stored block holds, per layer, K ``[kv_heads, block_size, k_dim]`` and V ``[kv_heads,
-block_size, v_dim]`` (no batch dim). A cache layer holds ``[1, kv_heads, seq, dim]``.
-Only models whose layers are all ``DynamicLayer`` (or a ``DynamicSlidingWindowLayer`` that never
-slides, see ``capability``) come here.
+block_size, v_dim]`` (no batch dim).
+
+``RequestKV`` is what a request of the packed (batched) path owns: buffers for its whole context
+(prompt + max_tokens, reserved at admission), written by the attention function step by step.
+The functions on ``DynamicCache`` (a cache layer holds ``[1, kv_heads, seq, dim]``) serve the
+one-at-a-time path of models that cannot take the packed one; only models whose layers are all
+``DynamicLayer`` (or a ``DynamicSlidingWindowLayer`` that never slides, see ``capability``) are
+restored there.
 """
 
 from __future__ import annotations
@@ -35,6 +40,94 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 class CacheLayoutError(ValueError):
     """Blocks or a cache that do not fit the model's cache layout."""
+
+
+def bytes_per_token(shapes: Sequence[LayerShape], dtype: torch.dtype) -> int:
+    """K/V bytes one token takes over every layer."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum((k[0] * k[2] + v[0] * v[2]) * size for k, v in shapes)
+
+
+class RequestKV:
+    """One request's K/V for ``capacity`` tokens, appended to in place (no copy of the context
+    per step). ``length``: tokens whose K/V are complete in every layer.
+
+    When every layer has the same K and V shape the buffers are one tensor ``[layers, 2,
+    kv_heads, capacity, dim]`` (a restore is one copy per block); otherwise one K and one V
+    tensor per layer, ``[kv_heads, capacity, dim]``."""
+
+    def __init__(
+        self, shapes: Sequence[LayerShape], capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.length = 0
+        self.nbytes = bytes_per_token(shapes, dtype) * capacity
+        self._stacked: torch.Tensor | None = None
+        uniform = all(k[0] == v[0] == shapes[0][0][0] and k[2] == v[2] == shapes[0][0][2] for k, v in shapes)
+        if uniform:
+            heads, dim = shapes[0][0][0], shapes[0][0][2]
+            self._stacked = torch.empty((len(shapes), 2, heads, capacity, dim), dtype=dtype, device=device)
+            self._keys = [self._stacked[i, 0] for i in range(len(shapes))]
+            self._values = [self._stacked[i, 1] for i in range(len(shapes))]
+        else:
+            self._keys = [torch.empty((k[0], capacity, k[2]), dtype=dtype, device=device) for k, _ in shapes]
+            self._values = [
+                torch.empty((v[0], capacity, v[2]), dtype=dtype, device=device) for _, v in shapes
+            ]
+
+    def restore(self, blocks: Sequence[BlockKV], n_tokens: int) -> None:
+        """Copy the first ``n_tokens`` tokens of ``blocks`` in (once); ``length`` becomes ``n_tokens``."""
+        available = sum(len(b.token_ids) for b in blocks)
+        if n_tokens > min(available, self.capacity) or n_tokens < 0:
+            raise CacheLayoutError(f"cannot restore {n_tokens} tokens from blocks holding {available}")
+        if any(len(b.layer_shapes) != len(self._keys) for b in blocks):
+            raise CacheLayoutError(f"blocks do not have the model's {len(self._keys)} layers")
+        at = 0
+        for block in blocks:
+            take = min(len(block.token_ids), n_tokens - at)
+            if take <= 0:
+                break
+            stacked = block.stacked() if self._stacked is not None else None
+            if stacked is not None and stacked.shape[2] == self._stacked.shape[2]:  # type: ignore[union-attr]
+                # [L, 2, H, T, D] of the record -> the same span of every layer, one copy.
+                self._stacked[:, :, :, at : at + take].copy_(stacked[:, :, :, :take])  # type: ignore[index]
+            else:
+                for layer in range(len(self._keys)):
+                    self._keys[layer][:, at : at + take].copy_(block.keys[layer][:, :take])
+                    self._values[layer][:, at : at + take].copy_(block.values[layer][:, :take])
+            at += take
+        self.length = n_tokens
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, at: int) -> None:
+        """Write one layer's K/V (``[kv_heads, n, dim]``) of tokens ``at .. at + n - 1``."""
+        end = at + keys.shape[1]
+        if end > self.capacity:
+            raise CacheLayoutError(f"token {end - 1} is past the reserved {self.capacity} tokens")
+        self._keys[layer][:, at:end].copy_(keys)
+        self._values[layer][:, at:end].copy_(values)
+
+    def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K ``[kv_heads, end, k_dim]`` and V of tokens ``0 .. end - 1`` (views, no copy)."""
+        return self._keys[layer][:, :end], self._values[layer][:, :end]
+
+    def slice_blocks(self, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
+        """Per-block K/V (CPU) of blocks ``first_block ..`` for ``encode_block``. Views on CPU:
+        tokens already written never change, so they stay valid while the request runs."""
+        start, end = first_block * block_size, (first_block + n_blocks) * block_size
+        if n_blocks <= 0:
+            return []
+        if start < 0 or end > self.length:
+            raise CacheLayoutError(f"tokens [{start}, {end}) are not all in the K/V [0, {self.length})")
+        blocks: list[BlockTensors] = [([], []) for _ in range(n_blocks)]
+        for layer in range(len(self._keys)):
+            for tensor, slot in ((self._keys[layer], 0), (self._values[layer], 1)):
+                span = tensor[:, start:end]
+                host = span.to("cpu") if span.device.type != "cpu" else span  # one copy per layer
+                for i in range(n_blocks):
+                    blocks[i][slot].append(host[:, i * block_size : (i + 1) * block_size])
+        return blocks
 
 
 def _to_device(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -170,3 +263,23 @@ def layer_shapes(cache: DynamicCache, block_size: int) -> list[LayerShape]:
         _, vh, _, vd = layer.values.shape
         shapes.append(((kh, block_size, kd), (vh, block_size, vd)))
     return shapes
+
+
+class CacheKV:
+    """One request's transformers ``Cache``, for the one-at-a-time path (models whose layers
+    cannot be driven through the packed attention function, e.g. recurrent ones). ``length``
+    is counted here: a cache of only recurrent layers has no sequence length to ask."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        self.config = config
+        self.cache = DynamicCache(config=config)
+        self.length = 0
+        self.nbytes = 0
+
+    def restore(self, blocks: Sequence[BlockKV], n_tokens: int, device: torch.device) -> None:
+        self.cache = build_cache(self.config, blocks, n_tokens, device)
+        self.length = n_tokens
+
+    def slice_blocks(self, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
+        # Raises CacheLayoutError for tokens a layer no longer holds (never for a cacheable model).
+        return slice_blocks(self.cache, first_block, n_blocks, block_size)

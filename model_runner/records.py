@@ -52,10 +52,11 @@ class UsageReport:
     """Token counts and timings of one request.
 
     ``cached_tokens``: prompt tokens restored from the prefix cache (``cached_by_tier`` splits
-    them by tier); ``prefilled_tokens``: prompt tokens computed; ``ttft_s``: from the call to
-    the first sampled token, the sum of ``lookup_s`` (hashing, tier reads, record checks),
-    ``restore_s`` (the K/V into the model's cache) and ``prefill_s`` (the uncached suffix through
-    the model, the first token sampled); ``decode_s``: after that;
+    them by tier); ``prefilled_tokens``: prompt tokens computed; ``ttft_s``: from the submission
+    to the first sampled token, the sum of ``lookup_s`` (hashing, tier reads, record checks, on
+    a lookup thread), ``queue_s`` (waiting to join the batch), ``restore_s`` (the K/V into
+    the request's buffers) and ``prefill_s`` (the uncached suffix through
+    the model in ``prefill_steps`` steps, the first token sampled); ``decode_s``: after that;
     ``miss_reason``/``miss_block``: why and where the cached prefix stopped (see
     ``cache_store.prefix_cache.MISS_REASONS``).
     """
@@ -70,6 +71,8 @@ class UsageReport:
     restore_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    queue_s: float = 0.0
+    prefill_steps: int = 0
     miss_reason: str = "cache_disabled"
     miss_block: int | None = None
 
@@ -91,3 +94,11 @@ class WarmupResult:
     prefilled_tokens: int
     stored_blocks: int
     miss_reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The last event of a stream that failed inside the engine (its sampling, detokenizing or
+    the step it ran in); the other requests of the batch go on."""
+
+    error: Exception

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,33 +89,54 @@ def test_cancel_before_start_and_mid_stream(llama: LoadedModel) -> None:
     assert events[-1].usage.completion_tokens == 0
     assert _locked(engine) == 0
 
-    cancel = threading.Event()
-    stream = engine.generate(
-        GenerationRequest(prompt, SamplingParams(max_tokens=50, temperature=0.0)), cancel
-    )
-    for event in stream:
+    # Cancelled from the sink, on the engine's thread, at the first delta: the request is still
+    # running then, so its restored prefix is pinned; it leaves at the next step.
+    seen: list[object] = []
+    locked_while_running: list[int] = []
+    done = threading.Event()
+    handle = None
+
+    def sink(event: object) -> None:
+        seen.append(event)
+        if isinstance(event, TextDelta) and not locked_while_running:
+            locked_while_running.append(_locked(engine))
+            assert handle is not None
+            handle.cancel()
         if isinstance(event, Finished):
-            break
-        assert _locked(engine) > 0  # the restored prefix stays pinned while the request runs
-        cancel.set()
+            done.set()
+
+    handle = engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=50, temperature=0.0)), sink)
+    assert done.wait(10)
+    event = seen[-1]
+    assert isinstance(event, Finished)
+    assert locked_while_running == [4]
     assert event.finish_reason == "cancelled"
     assert event.usage.completion_tokens < 50
     assert _locked(engine) == 0
+
+
+def _wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return check()
 
 
 def test_closing_the_stream_early_releases_the_pins(llama: LoadedModel) -> None:
     engine = Engine(llama, make_cache(), BLOCK)
     prompt = base_tokens(llama, 16, seed=14)
     engine.warmup(prompt)
-    stream = engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=50, temperature=0.0)))
+    stream = engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=400, temperature=0.0)))
     first = next(stream)
     assert isinstance(first, TextDelta)
-    assert _locked(engine) == 4
-    stream.close()
-    assert _locked(engine) == 0
-    # A stream that was never started holds nothing either.
+    stream.close()  # the request leaves the batch at the next step and unpins its blocks
+    assert _wait_until(lambda: _locked(engine) == 0 and engine.stats().scheduler.running == 0)
+    assert engine.stats().cancelled_requests == 1
+    # A stream that was never read holds nothing once it ends either.
     engine.generate(GenerationRequest(prompt, SamplingParams(max_tokens=5))).close()
-    assert _locked(engine) == 0
+    assert _wait_until(lambda: _locked(engine) == 0 and engine.stats().scheduler.running == 0)
 
 
 def test_context_length_is_checked_before_any_work(llama: LoadedModel) -> None:
@@ -141,7 +163,9 @@ def test_warmup_stores_full_blocks_then_requests_hit(llama: LoadedModel) -> None
     assert usage.miss_reason == "full_hit"
     # The time to the first token, phase by phase.
     assert min(usage.lookup_s, usage.restore_s, usage.prefill_s) > 0
-    assert usage.lookup_s + usage.restore_s + usage.prefill_s == pytest.approx(usage.ttft_s, abs=1e-6)
+    assert usage.lookup_s + usage.queue_s + usage.restore_s + usage.prefill_s == pytest.approx(
+        usage.ttft_s, abs=1e-6
+    )
 
 
 def test_generated_blocks_are_stored_for_the_next_turn(llama: LoadedModel) -> None:

@@ -1,0 +1,190 @@
+"""Who runs in the next step: admission, the token budget, the K/V budget, and waiting for
+blocks that a running request is computing.
+
+Each step holds one decode token of every decoding request, then prefill chunks of the admitted
+requests still prefilling (oldest first), then new admissions, until ``max_batch_tokens`` tokens
+or ``max_batch`` requests. Admission is FIFO over the requests whose lookup is done: the oldest
+one that does not fit (batch or K/V budget full) holds the rest back, so a large request is never
+starved by smaller ones that keep arriving. A request whose next block is being prefilled by a
+running request waits for that request's prefill instead of computing the block again, and lets
+the requests behind it pass meanwhile.
+
+K/V is reserved at admission for prompt + max_tokens (``Sequence.reserve_bytes``), so a running
+request can always grow to its end: no preemption, and never an out-of-memory crash. (The one
+alternative, preempting and later restoring a request's own stored blocks, would trade that
+guarantee for a fuller batch when many requests stop early.)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from model_runner.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_batch``: requests running at once (1: one at a time); ``max_batch_tokens``: tokens
+    of one step (a longer prefill is split across steps; ``None``: no chunking, the whole
+    suffix in one step); ``kv_budget_bytes``: K/V reserved by running requests."""
+
+    max_batch: int
+    max_batch_tokens: int | None
+    kv_budget_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.kv_budget_bytes < 0:
+            raise ValueError("kv_budget_bytes must not be negative")
+        if self.max_batch_tokens is None and self.max_batch != 1:
+            raise ValueError("a step without a token budget (whole prompts) holds one request")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A sequence's share of a step: ``n_tokens`` tokens (1 for a decode)."""
+
+    seq: Sequence
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    admitted: tuple[Sequence, ...]
+    """Newly admitted: their K/V must be allocated and restored before the step runs."""
+    runs: tuple[Planned, ...]
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    running: int
+    waiting: int
+    waiting_for_kv: bool
+    """The oldest waiting request does not fit the K/V budget (admission is waiting on it)."""
+    waiting_on_blocks: int
+    """Requests waiting for blocks a running request is prefilling."""
+    kv_used_bytes: int
+    kv_budget_bytes: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.kv_used = 0
+        self._inflight: dict[bytes, Sequence] = {}
+        self._waiting_for_kv = False
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> list[Sequence]:
+        """Take ``seq`` out (finished, cancelled or failed); returns the requests that waited on
+        its blocks and must look their prefix up again."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv_used -= seq.reserve_bytes
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.waiting_on is not None and seq in seq.waiting_on.followers:
+            seq.waiting_on.followers.remove(seq)
+        seq.waiting_on = None
+        return self.prefill_done(seq)
+
+    def prefill_done(self, seq: Sequence) -> list[Sequence]:
+        """``seq``'s prompt blocks are all stored (or never will be): release its followers."""
+        for key in [k for k, owner in self._inflight.items() if owner is seq]:
+            del self._inflight[key]
+        followers, seq.followers = seq.followers, []
+        for follower in followers:
+            follower.waiting_on = None
+        return followers
+
+    def sequences(self) -> Iterator[Sequence]:
+        yield from self.running
+        yield from self.waiting
+
+    # -- planning a step -----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        cfg = self.config
+        budget = cfg.max_batch_tokens if cfg.max_batch_tokens is not None else 1 << 62
+        runs: list[Planned] = []
+        # 1. one token for every decoding request: a stream never stalls behind a prefill.
+        for seq in self.running:
+            if seq.phase == "decode" and budget > 0:
+                runs.append(Planned(seq, 1))
+                budget -= 1
+        # 2. chunks for the admitted requests still prefilling, oldest first.
+        for seq in self.running:
+            if seq.phase == "prefill" and budget > 0:
+                n = min(seq.prefill_left, budget)
+                runs.append(Planned(seq, n))
+                budget -= n
+        # 3. admissions, FIFO.
+        admitted: list[Sequence] = []
+        self._waiting_for_kv = False
+        for seq in list(self.waiting):
+            if len(self.running) >= cfg.max_batch:
+                break
+            if seq.phase != "waiting" or seq.waiting_on is not None:
+                continue  # lookup still running, or waiting for a running request's blocks
+            producer = self._producer_of(seq)
+            if producer is not None:
+                seq.waiting_on = producer
+                producer.followers.append(seq)
+                continue
+            if self.kv_used + seq.reserve_bytes > cfg.kv_budget_bytes and self.running:
+                self._waiting_for_kv = True
+                break
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            self.kv_used += seq.reserve_bytes
+            self._register_inflight(seq)
+            admitted.append(seq)
+            if budget > 0 and seq.prefill_left > 0:
+                n = min(seq.prefill_left, budget)
+                runs.append(Planned(seq, n))
+                budget -= n
+        return StepPlan(tuple(admitted), tuple(runs))
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            waiting_for_kv=self._waiting_for_kv,
+            waiting_on_blocks=sum(1 for s in self.waiting if s.waiting_on is not None),
+            kv_used_bytes=self.kv_used,
+            kv_budget_bytes=self.config.kv_budget_bytes,
+        )
+
+    # -- in-flight blocks ----------------------------------------------------------------------
+
+    def _producer_of(self, seq: Sequence) -> Sequence | None:
+        """The running request that is prefilling the first block ``seq`` did not find."""
+        hit = seq.hit
+        if hit is None or (seq.prefill_only and seq.cached >= seq.target):
+            return None
+        matched = len(hit.blocks)
+        if matched >= len(hit.hashes):
+            return None
+        return self._inflight.get(hit.hashes[matched])
+
+    def _register_inflight(self, seq: Sequence) -> None:
+        """The prompt blocks ``seq`` will compute (its unmatched full blocks). They stay
+        registered until its whole prefill is done (``prefill_done``), also once a chunk stored
+        some: a request that looked its prefix up before that store must still wait and look up
+        again, not compute the stored blocks a second time."""
+        hit = seq.hit
+        if hit is None:
+            return
+        for key in hit.hashes[len(hit.blocks) :]:
+            self._inflight.setdefault(key, seq)

@@ -1,0 +1,162 @@
+"""One request inside the engine: where it is on its way, its K/V, and its token stream.
+
+A ``Sequence`` is created when a request is submitted and lives on the engine's step loop until
+it finishes. Phases: ``lookup`` (its prefix lookup runs on a lookup thread), ``waiting`` (ready,
+not admitted: the batch, the token budget or the K/V budget is full, or the blocks it needs are
+being computed by a running request), ``prefill`` (admitted; the suffix goes through the model
+in chunks), ``decode`` (one token per step), ``done``.
+
+Its token stream (sampling, detokenizing, stop strings, the events handed to its sink) is here
+too, so that an exception in one request's sampling or detokenizing fails that request alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from cache_store.prefix_cache import PrefixHit
+from model_runner.detokenize import IncrementalDetokenizer, StopMatcher
+from model_runner.kv import CacheKV, RequestKV
+from model_runner.records import Failed, Finished, FinishReason, GenerationRequest, TextDelta, WarmupResult
+from model_runner.sampling import make_generator, sample_next
+
+Phase = Literal["lookup", "waiting", "prefill", "decode", "done"]
+Event = TextDelta | Finished | Failed | WarmupResult
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class Timeline:
+    """``perf_counter`` marks of one request (see ``UsageReport`` for what they add up to)."""
+
+    submitted: float = field(default_factory=time.perf_counter)
+    lookup_s: float = 0.0
+    admitted: float | None = None
+    restored: float | None = None
+    first_token: float | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The engine's state of one request (only the step loop mutates it, but for ``lookup``,
+    which a lookup thread fills in before the loop sees the future done)."""
+
+    id: int
+    request: GenerationRequest
+    sink: Sink
+    cancel: threading.Event
+    prefill_only: bool = False
+    """A warmup: prefill and store the full blocks, sample nothing."""
+    warmup_tokens: int = 0
+    """For a warmup: the tokens of its full blocks."""
+    phase: Phase = "lookup"
+    namespace: bytes = b""
+    hit: PrefixHit | None = None
+    lookup: Future[PrefixHit | None] | None = None
+    cached: int = 0
+    """Prompt tokens restored from the cache."""
+    kv: RequestKV | CacheKV | None = None
+    reserve_bytes: int = 0
+    stored_blocks: int = 0
+    """Leading full blocks known to be in the cache (matched or stored by this request)."""
+    waiting_on: Sequence | None = None
+    """The running request whose prefill computes the blocks this one needs next."""
+    followers: list[Sequence] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    prefill_steps: int = 0
+    """Steps its prefill took part in (more than one: chunked)."""
+    timeline: Timeline = field(default_factory=Timeline)
+    _stream: TokenStream | None = None
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_ids  # type: ignore[return-value]
+
+    @property
+    def target(self) -> int:
+        """Prompt tokens to put through the model: all of them, or the full blocks for a warmup."""
+        return self.warmup_tokens if self.prefill_only else len(self.prompt)
+
+    @property
+    def fed(self) -> int:
+        """Tokens whose K/V are complete (restored or computed)."""
+        return self.kv.length if self.kv is not None else 0
+
+    @property
+    def prefill_left(self) -> int:
+        return max(self.target - self.fed, 0)
+
+    def next_input(self, budget: int) -> list[int]:
+        """The tokens of this step: a prefill chunk of at most ``budget`` tokens, or the last
+        sampled token."""
+        if self.phase == "prefill":
+            return list(self.prompt[self.fed : self.fed + min(budget, self.prefill_left)])
+        return [self.generated[-1]]
+
+    # -- the token stream ------------------------------------------------------------------------
+
+    def stream(self, tokenizer: Any, eos: frozenset[int], device: torch.device) -> TokenStream:
+        if self._stream is None:
+            self._stream = TokenStream(self, tokenizer, eos, device)
+        return self._stream
+
+    def emit(self, event: Event) -> None:
+        self.sink(event)
+
+
+class TokenStream:
+    """Sampling, detokenizing and stop strings of one sequence; emits its ``TextDelta``s."""
+
+    def __init__(self, seq: Sequence, tokenizer: Any, eos: frozenset[int], device: torch.device) -> None:
+        params = seq.request.sampling
+        self._seq = seq
+        self._params = params
+        self._eos = eos
+        self._generator = make_generator(params.seed, device)
+        self._detok = IncrementalDetokenizer(tokenizer, seq.prompt)
+        self._stopper = StopMatcher(params.stop)
+        self._unsent: list[int] = []
+        self._tail = ""
+        self.finish: FinishReason | None = None
+
+    def accept(self, logits: torch.Tensor) -> bool:
+        """Sample from ``logits`` ([vocab]) and emit the new text; True when the sequence is done
+        (``finish`` says why)."""
+        token = sample_next(logits, self._params, self._generator)
+        seq = self._seq
+        if seq.timeline.first_token is None:
+            seq.timeline.first_token = time.perf_counter()
+        seq.generated.append(token)
+        if token in self._eos:
+            self.finish = "stop"
+            return True
+        self._unsent.append(token)
+        text = self._stopper.push(self._detok.push(token))
+        if self._stopper.stopped:
+            self._tail = text  # what came before the stop string
+            self.finish = "stop"
+            return True
+        if text:
+            seq.emit(TextDelta(text, tuple(self._unsent)))
+            self._unsent = []
+        if len(seq.generated) >= self._params.max_tokens:
+            self.finish = "length"
+            return True
+        return False
+
+    def close(self) -> None:
+        """Emit what was held back (a split character, a possible stop string that never came)."""
+        if self._stopper.stopped:
+            tail = self._tail
+        else:
+            tail = self._stopper.push(self._detok.flush()) + self._stopper.flush()
+        if tail or self._unsent:
+            self._seq.emit(TextDelta(tail, tuple(self._unsent)))
+            self._unsent = []
