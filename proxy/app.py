@@ -28,7 +28,8 @@ log = logging.getLogger("kvproxy")
 SHUTDOWN_GRACE_S = 10.0
 """How long uvicorn lets in-flight requests finish after SIGTERM before it cancels them."""
 WORKER_GRACE_S = 2.0
-"""Then how long the model worker may take to stop (a cancelled job stops at its next token)."""
+"""Then how long running requests may go on in the engine before they are cancelled (a cancelled
+request leaves the batch at the next step)."""
 DRAIN_TIMEOUT_S = 15.0
 """Then the bound on writing the queued blocks to disk/Redis."""
 

@@ -46,6 +46,12 @@ _HELP: Mapping[str, str] = MappingProxyType(
         "device": "auto, cpu or cuda",
         "dtype": "auto, float32, bfloat16 or float16",
         "api_keys": "file of `KEY TENANT [admin]` lines; turns authentication on",
+        "max_batch": "requests decoding together; 1 = one at a time, bitwise reproducible "
+        "(default: 32 on CPU, 128 on CUDA)",
+        "max_batch_tokens": "tokens of one forward step; a longer prefill is split across steps "
+        "(default: 256 on CPU, 2048 on CUDA)",
+        "kv_budget_bytes": "K/V reserved by running requests; admission waits when it is full "
+        "(default: 4GiB on CPU, half the free GPU memory on CUDA)",
     }
 )
 

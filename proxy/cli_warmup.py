@@ -180,7 +180,7 @@ def offline(items: list[SourcedItem], args: argparse.Namespace, console: Console
         if not runtime.drain(600.0):
             raise CliError("the store writer did not finish within 600 s")
     finally:
-        runtime.close(drain_s=5.0)
+        runtime.close(grace_s=1.0, drain_s=5.0)
 
 
 def run(args: argparse.Namespace, *, api_key: str | None) -> int:

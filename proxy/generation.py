@@ -1,47 +1,30 @@
 """From a validated OpenAI request to engine work on the model thread, and back to figures.
 
 Tokenizing runs in a helper thread (it can take a while for a long prompt, and the event loop
-must keep answering /health); generation runs on the one model worker. Every finished request is
+must keep answering /health); generation runs in the engine's batch. Every finished request is
 counted here, in the metrics and the request log, whichever route it came from.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from model_runner.engine import Engine
 from model_runner.records import ContextLengthExceeded as EngineContextLengthExceeded
 from model_runner.records import Finished, GenerationRequest, TextDelta
 from model_runner.sampling import SamplingParams
+from proxy.batch_stats import BatchMonitor
 from proxy.errors import ContextLengthExceeded, ServiceUnavailable
 from proxy.metrics import Metrics
 from proxy.request_log import RequestLog, RequestRecord, classify
 from proxy.schemas import ChatMessage, KvproxyUsage, PromptTokensDetails, SamplingRequest, Usage
-from proxy.worker import JobStream, ModelWorker, QueueFull, WorkerClosed
+from proxy.worker import EngineClosed, JobStream, QueueFull, open_stream
 
 _DISCONNECT_POLL_S = 0.25
-
-
-class CancelledCounter:
-    """Generations stopped because their client went away (counted on the worker thread)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.completion_tokens = 0
-
-    def add(self, completion_tokens: int) -> None:
-        with self._lock:
-            self.requests += 1
-            self.completion_tokens += completion_tokens
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {"requests": self.requests, "completion_tokens": self.completion_tokens}
 
 
 @dataclass(frozen=True)
@@ -67,13 +50,15 @@ def usage_from(finished: Finished) -> Usage:
             miss_block=report.miss_block,
             prefilled_tokens=report.prefilled_tokens,
             lookup_ms=round(report.lookup_s * 1000, 3),
+            queue_ms=round(report.queue_s * 1000, 3),
+            prefill_steps=report.prefill_steps,
             restore_ms=round(report.restore_s * 1000, 3),
             prefill_ms=round(report.prefill_s * 1000, 3),
         ),
     )
 
 
-def overloaded(exc: QueueFull | WorkerClosed) -> ServiceUnavailable:
+def overloaded(exc: QueueFull | EngineClosed) -> ServiceUnavailable:
     if isinstance(exc, QueueFull):
         return ServiceUnavailable(
             "The server is busy: too many requests are waiting. Retry shortly.",
@@ -87,7 +72,7 @@ class GenerationService:
     def __init__(
         self,
         engine: Engine,
-        worker: ModelWorker,
+        batch: BatchMonitor,
         metrics: Metrics,
         requests: RequestLog,
         *,
@@ -96,13 +81,12 @@ class GenerationService:
         block_size: int,
     ) -> None:
         self.engine = engine
-        self._worker = worker
+        self._batch = batch
         self._metrics = metrics
         self._requests = requests
         self.max_context = max_context
         self._default_max_tokens = default_max_tokens
         self._block_size = block_size
-        self.cancelled = CancelledCounter()
 
     async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         plain = [{"role": m.role, "content": m.text()} for m in messages]
@@ -145,22 +129,19 @@ class GenerationService:
             prompt_ids=prompt_ids, sampling=sampling, tenant=tenant, cache_salt=body.cache_salt or ""
         )
 
-    def start(self, request: GenerationRequest) -> JobStream[TextDelta | Finished]:
-        """Queue the generation; raises 503 at once when the queue is full. The caller must
-        ``cancel()`` the stream when it stops reading early (that stops the engine)."""
-        try:
-            return self._worker.submit(lambda cancel: self._generate(request, cancel))
-        except (QueueFull, WorkerClosed) as exc:
-            raise overloaded(exc) from None
+    def batch_figures(self) -> dict[str, Any]:
+        """What the batch is doing (for /v1/cache/stats and the dashboard)."""
+        return self._batch.figures(self.engine)
 
-    def _generate(
-        self, request: GenerationRequest, cancel: threading.Event
-    ) -> Iterator[TextDelta | Finished]:
-        # Worker thread. A cancelled generation has no reader left to count it, so count it here.
-        for event in self.engine.generate(request, cancel):
-            if isinstance(event, Finished) and event.finish_reason == "cancelled":
-                self.cancelled.add(event.usage.completion_tokens)
-            yield event
+    def start(self, request: GenerationRequest) -> JobStream[TextDelta | Finished]:
+        """Submit the generation; raises 503 at once when the queue is full. The caller must
+        ``cancel()`` the stream when it stops reading early (the request leaves the batch)."""
+        try:
+            return open_stream(self.engine, request)
+        except (QueueFull, EngineClosed) as exc:
+            raise overloaded(exc) from None
+        except EngineContextLengthExceeded as exc:
+            raise ContextLengthExceeded(str(exc), param="max_tokens") from None
 
     async def run(
         self,
@@ -182,14 +163,8 @@ class GenerationService:
                 elif isinstance(event, Finished):
                     usage = self.record(event, route=route, tenant=tenant)
                     return Outcome("".join(parts), event.finish_reason, usage)
-        except WorkerClosed as exc:
+        except EngineClosed as exc:
             raise overloaded(exc) from None
-        except EngineContextLengthExceeded:
-            # build_request checks first; this only fires if the engine's budget ever differs.
-            raise ContextLengthExceeded(
-                f"The prompt plus max_tokens exceeds the model's context of {self.max_context} tokens.",
-                param="max_tokens",
-            ) from None
         finally:
             stream.cancel()
             if watcher is not None:
@@ -228,7 +203,7 @@ class GenerationService:
 async def _cancel_on_disconnect(
     stream: JobStream[TextDelta | Finished], disconnected: Callable[[], Awaitable[bool]]
 ) -> None:
-    while not stream.cancel_event.is_set():
+    while not stream.cancelled:
         if await disconnected():
             stream.cancel()
             return

@@ -18,6 +18,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _STORE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class TierFigures:
@@ -53,6 +55,23 @@ class _TierCollector(Collector):
         return iter(())
 
 
+class _EngineCollector(Collector):
+    """Running and waiting requests, read from the engine at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        running, waiting = self._read()
+        yield GaugeMetricFamily("kvproxy_running_requests", "Requests in the batch", value=running)
+        yield GaugeMetricFamily(
+            "kvproxy_waiting_requests", "Requests waiting to join the batch", value=waiting
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     """Every kvproxy metric, on its own registry."""
 
@@ -83,6 +102,25 @@ class Metrics:
             buckets=_STORE_BUCKETS,
             registry=r,
         )
+
+        self.batch_tokens = Histogram(
+            "kvproxy_batch_tokens",
+            "Tokens per forward step (decode tokens + prefill chunks)",
+            buckets=_BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "kvproxy_step_seconds", "Duration of one forward step", buckets=_STEP_BUCKETS, registry=r
+        )
+
+    def watch_engine(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Report ``(running, waiting)`` from ``read()`` at every scrape."""
+        self.registry.register(_EngineCollector(read))
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        """One forward step (called from the engine's thread; prometheus is thread-safe)."""
+        self.batch_tokens.observe(tokens)
+        self.step_seconds.observe(seconds)
 
     def watch_tiers(self, read: Callable[[], Mapping[str, TierFigures]]) -> None:
         """Report tier sizes and evictions from ``read()`` at every scrape."""

@@ -15,7 +15,8 @@ from cache_store.prefix_cache import PrefixCache
 from cache_store.store import StoreStats
 from cache_store.tiered import TierClear
 from model_runner.cache_factory import StoreOptions, build_prefix_cache
-from model_runner.engine import Engine
+from model_runner.engine import Engine, StepObserver
+from model_runner.engine_config import EngineConfig
 from model_runner.loading import load_model
 from model_runner.records import WarmupResult
 from proxy.metrics import Metrics, TierFigures
@@ -80,8 +81,11 @@ class Runtime:
         return asdict(self.cache.store.writer_stats()) if self.cache is not None else {}
 
     def warmup(self, prompt_ids: list[int], *, tenant: str, cache_salt: str) -> dict[str, int]:
-        """Prefill and store one prompt (worker thread); its figures for the warmup summary."""
-        result: WarmupResult = self.engine.warmup(prompt_ids, tenant=tenant, cache_salt=cache_salt)
+        """Prefill and store one prompt (blocking); its figures for the warmup summary."""
+        return self.warmup_figures(self.engine.warmup(prompt_ids, tenant=tenant, cache_salt=cache_salt))
+
+    def warmup_figures(self, result: WarmupResult) -> dict[str, int]:
+        """One warmed prompt's figures for the warmup summary."""
         return {
             "prompts": 1,
             "tokens": result.prompt_tokens,
@@ -91,7 +95,7 @@ class Runtime:
 
     def clear(self) -> dict[str, TierClear]:
         """Empty every tier (Redis: only our prefix), per tier what was removed and whether it
-        failed. Run on the model thread, between requests."""
+        failed. Run on the engine's step loop, between steps."""
         if self.cache is None:
             return {}
         outcomes = self.cache.store.clear_tiers()
@@ -102,21 +106,47 @@ class Runtime:
         """Wait until the background writer has put every queued block into its tiers."""
         return self.cache.store.drain(timeout_s) if self.cache is not None else True
 
-    def close(self, *, drain_s: float) -> None:
+    def close(self, *, grace_s: float, drain_s: float) -> bool:
+        """Stop the engine (running requests get ``grace_s``), then drain and close the stores.
+        True when the engine stopped in time."""
+        stopped = self.engine.close(grace_s=grace_s)
         if self.cache is not None:
             self.cache.store.close(timeout_s=drain_s)
+        return stopped
 
 
-def build_runtime(settings: ServeSettings, metrics: Metrics | None) -> Runtime:
-    """Load the model and build its cache (slow: run it off the event loop)."""
+def engine_config(settings: ServeSettings) -> EngineConfig:
+    return EngineConfig(
+        max_batch=settings.max_batch,
+        max_batch_tokens=settings.max_batch_tokens,
+        kv_budget_bytes=settings.kv_budget_bytes,
+        max_waiting=settings.max_queue,
+    )
+
+
+def build_runtime(
+    settings: ServeSettings,
+    metrics: Metrics | None,
+    *,
+    observer: StepObserver | None = None,
+) -> Runtime:
+    """Load the model and build its cache and engine (slow: run it off the event loop)."""
     loaded = load_model(
         settings.model, device=settings.device, dtype=settings.dtype, max_context=settings.max_context
     )
     cache: PrefixCache | None = None
     if loaded.cacheable:
-        observer = metrics.observe_store if metrics is not None else None
-        cache = build_prefix_cache(store_options(settings), settings.block_size, observer=observer)
+        store_observer = metrics.observe_store if metrics is not None else None
+        cache = build_prefix_cache(store_options(settings), settings.block_size, observer=store_observer)
     else:
         log.warning("prefix caching is off for %s: %s", settings.model_name, loaded.cache_reason)
-    engine = Engine(loaded, cache, settings.block_size)
+    engine = Engine(
+        loaded,
+        cache,
+        settings.block_size,
+        engine_config(settings),
+        observer=observer,
+    )
+    if engine.batching_reason is not None:
+        log.warning("requests to %s run one at a time: %s", settings.model_name, engine.batching_reason)
     return Runtime(engine=engine, cache=cache, block_size=settings.block_size)

@@ -169,10 +169,15 @@ class KvproxyUsage(BaseModel):
     prefilled_tokens: int | None = None
     lookup_ms: float | None = None
     """Of ``ttft_ms``: hashing the blocks, reading the tiers, checking every record."""
+    queue_ms: float | None = None
+    """Of ``ttft_ms``: waiting to join the batch (after the lookup)."""
     restore_ms: float | None = None
-    """Of ``ttft_ms``: loading the verified K/V into the model's cache."""
+    """Of ``ttft_ms``: loading the verified K/V into the request's buffers."""
     prefill_ms: float | None = None
-    """Of ``ttft_ms``: the uncached suffix through the model, up to the first sampled token."""
+    """Of ``ttft_ms``: the uncached suffix through the model (in one or more steps shared with
+    other requests), up to the first sampled token."""
+    prefill_steps: int | None = None
+    """How many forward steps the prefill took (more than one: it was chunked)."""
 
 
 class PromptTokensDetails(BaseModel):

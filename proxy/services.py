@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from model_runner import host_memory
+from model_runner.engine import StepObservation
 from model_runner.loading import LoadError
 from proxy.auth import KeyTable
+from proxy.batch_stats import BatchMonitor
 from proxy.errors import ServiceUnavailable
 from proxy.generation import GenerationService
 from proxy.metrics import Metrics
 from proxy.request_log import RequestLog
 from proxy.runtime import Runtime, build_runtime
 from proxy.settings import ServeSettings
-from proxy.worker import ModelWorker
 
 log = logging.getLogger("kvproxy")
 
@@ -34,7 +35,7 @@ class Services:
     settings: ServeSettings
     metrics: Metrics
     keys: KeyTable | None
-    worker: ModelWorker
+    batch: BatchMonitor = field(default_factory=BatchMonitor)
     requests: RequestLog = field(default_factory=RequestLog)
     started_at: float = field(default_factory=time.time)
     state: LoadState = "loading"
@@ -53,16 +54,15 @@ class Services:
     def create(cls, settings: ServeSettings, *, keys: KeyTable | None = None) -> Services:
         if keys is None and settings.api_keys is not None:
             keys = KeyTable.from_file(settings.api_keys)
-        return cls(settings=settings, metrics=Metrics(), keys=keys, worker=ModelWorker(settings.max_queue))
+        return cls(settings=settings, metrics=Metrics(), keys=keys)
 
     def start(self) -> None:
-        self.worker.start()
         self._loader = threading.Thread(target=self._load, name="kvproxy-load", daemon=True)
         self._loader.start()
 
     def _load(self) -> None:
         try:
-            runtime = build_runtime(self.settings, self.metrics)
+            runtime = build_runtime(self.settings, self.metrics, observer=self._observe_step)
         except Exception as exc:
             # A LoadError's message says it all; anything else is a bug worth its traceback.
             log.error(
@@ -75,7 +75,7 @@ class Services:
             return
         self.generation = GenerationService(
             runtime.engine,
-            self.worker,
+            self.batch,
             self.metrics,
             self.requests,
             max_context=runtime.max_context,
@@ -83,6 +83,8 @@ class Services:
             block_size=self.settings.block_size,
         )
         self.metrics.watch_tiers(runtime.tier_figures)
+        self.metrics.watch_engine(lambda: _running_waiting(runtime))
+        runtime.engine.start()
         if self.host_reserve_bytes is not None:
             reserved = host_memory.settle(self.host_reserve_bytes)
             log.debug("reserved %d MiB of heap for the memory tier", reserved >> 20)
@@ -90,6 +92,10 @@ class Services:
         self.runtime = runtime
         self.state = "ready"
         log.info(self.settings.summary(device=runtime.device, dtype=runtime.dtype))
+
+    def _observe_step(self, step: StepObservation) -> None:
+        self.metrics.observe_step(step.tokens, step.seconds)
+        self.batch.observe(step)
 
     def wait_loaded(self, timeout_s: float | None = None) -> bool:
         if self._loader is not None:
@@ -107,12 +113,14 @@ class Services:
         return runtime, generation
 
     def close(self, *, grace_s: float = 10.0, drain_s: float = 10.0) -> None:
-        """SIGTERM path: stop taking work, let the running job finish (bounded), drain the
+        """SIGTERM path: stop taking work, let running requests finish (bounded), drain the
         background writer (bounded), close the stores."""
-        stopped = self.worker.close(grace_s=grace_s)
-        if not stopped:
-            log.warning("the model worker did not stop within %.0fs", grace_s)
         if self._loader is not None and self._loader.is_alive():
             self._loader.join(timeout=1.0)
-        if self.runtime is not None:
-            self.runtime.close(drain_s=drain_s)
+        if self.runtime is not None and not self.runtime.close(grace_s=grace_s, drain_s=drain_s):
+            log.warning("the engine did not stop within %.0fs", grace_s)
+
+
+def _running_waiting(runtime: Runtime) -> tuple[int, int]:
+    stats = runtime.engine.stats().scheduler
+    return stats.running, stats.waiting

@@ -122,6 +122,9 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     api_keys: Path | None = None
+    max_batch: int | None = Field(default=None, ge=1, le=4096)
+    max_batch_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    kv_budget_bytes: Annotated[int, BeforeValidator(parse_size), Field(ge=1)] | None = None
 
     @field_validator("redis_url")
     @classmethod

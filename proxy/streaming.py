@@ -23,7 +23,7 @@ from proxy.schemas import (
     CompletionChoice,
     Usage,
 )
-from proxy.worker import JobStream, WorkerClosed
+from proxy.worker import EngineClosed, JobStream
 
 log = logging.getLogger("kvproxy")
 
@@ -98,7 +98,7 @@ async def stream_sse(
                     yield sse(_chunk(meta, usage=usage, no_choices=True))
                 yield DONE
                 return
-    except WorkerClosed:
+    except EngineClosed:
         yield sse(error_body("The server is shutting down.", type_="server_error", code="shutting_down"))
         yield DONE
     except Exception:

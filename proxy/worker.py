@@ -1,214 +1,93 @@
-"""The one model worker thread, with a bounded queue in front of it.
+"""Between the event loop and the engine's step loop: submitting work and streaming it back.
 
-Forward passes and store calls run here, never on the event loop. Each job is a function of a
-cancel event that returns an iterator; whatever it yields is handed to the asyncio side through
-``loop.call_soon_threadsafe``. A consumer that goes away (client disconnected) sets the cancel
-event, so the engine stops decoding and releases its block locks. A full queue refuses the job at
-once (the caller answers 503 + Retry-After) rather than letting requests pile up.
+The engine (``model_runner.engine``) batches every request on its own thread and hands each
+request's events to a sink on that thread; ``JobStream`` turns them into an async iterator
+through ``loop.call_soon_threadsafe``. A consumer that goes away (client disconnected) cancels
+the request, which leaves the batch at the next step and releases its block locks. A full queue
+refuses the request at once (the caller answers 503 + Retry-After) rather than letting requests
+pile up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import queue
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-log = logging.getLogger("kvproxy")
+from model_runner.engine import Engine, EngineClosed, Handle, QueueFull
+from model_runner.records import Failed, Finished, GenerationRequest, TextDelta, WarmupResult
+
+__all__ = ["EngineClosed", "JobStream", "QueueFull", "on_engine", "open_stream", "warmup"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-
-class QueueFull(Exception):
-    """The queue holds --max-queue jobs already."""
-
-
-class WorkerClosed(Exception):
-    """The server is shutting down and takes no new work (or dropped this job while stopping)."""
-
-
-_ITEM, _ERROR, _END = "item", "error", "end"
+_END = object()
 
 
 class JobStream(Generic[T]):
-    """The asyncio side of one job: iterate it for the items; ``cancel()`` stops the job."""
+    """The asyncio side of one request: iterate it for the events; ``cancel()`` stops it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.cancel_event = threading.Event()
-        self.started = threading.Event()
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._handle: Handle | None = None
+        self._cancelled = False
 
-    # -- called on the worker thread --
-    def deliver(self, kind: str, value: Any = None) -> None:
+    def attach(self, handle: Handle) -> None:
+        self._handle = handle
+        if self._cancelled:
+            handle.cancel()
+
+    # -- called on the engine's thread --
+    def deliver(self, event: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, (kind, value))
+            self._loop.call_soon_threadsafe(self._items.put_nowait, event)
         except RuntimeError:
             # The loop is closed: nobody is listening any more.
-            self.cancel_event.set()
+            self.cancel()
 
     # -- called on the event loop --
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self) -> None:
-        self.cancel_event.set()
+        self._cancelled = True
+        if self._handle is not None:
+            self._handle.cancel()
 
     async def __aiter__(self) -> AsyncIterator[T]:
         try:
             while True:
-                kind, value = await self._items.get()
-                if kind == _ITEM:
-                    yield value
-                elif kind == _ERROR:
-                    raise value
-                else:
+                event = await self._items.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                yield event
+                if isinstance(event, Finished | WarmupResult):
                     return
         finally:
-            # Normal end, error, or the consumer stopped early (disconnect): the job must stop.
-            self.cancel_event.set()
-
-    async def result(self) -> T:
-        """The single item of a call-style job."""
-        try:
-            async for item in self:
-                return item
-        finally:
-            self.cancel_event.set()
-        raise WorkerClosed("the job ended without a result")
+            # Normal end, error, or the consumer stopped early (disconnect): the request must stop.
+            self.cancel()
 
 
-@dataclass
-class _Job:
-    work: Callable[[threading.Event], Iterator[Any]]
-    stream: JobStream[Any]
-    queued_at: float
+def open_stream(engine: Engine, request: GenerationRequest) -> JobStream[TextDelta | Finished]:
+    """Submit ``request``; raises ``QueueFull`` / ``EngineClosed`` (and the engine's request
+    errors) at once. The caller must ``cancel()`` the stream when it stops reading early."""
+    stream: JobStream[TextDelta | Finished] = JobStream(asyncio.get_running_loop())
+    stream.attach(engine.submit(request, stream.deliver))
+    return stream
 
 
-@dataclass(frozen=True)
-class WorkerStats:
-    queued: int
-    max_queue: int
-    busy: bool
-    completed: int
-    rejected: int
+async def warmup(engine: Engine, prompt_ids: Sequence[int], *, tenant: str, cache_salt: str) -> WarmupResult:
+    """Prefill and store one prompt through the engine's scheduler (it shares the batch)."""
+    stream: JobStream[WarmupResult] = JobStream(asyncio.get_running_loop())
+    stream.attach(engine.submit_warmup(prompt_ids, stream.deliver, tenant=tenant, cache_salt=cache_salt))
+    async for result in stream:
+        return result
+    raise EngineClosed("the warmup ended without a result")
 
 
-class ModelWorker:
-    def __init__(self, max_queue: int, *, name: str = "kvproxy-model") -> None:
-        if max_queue < 1:
-            raise ValueError("max_queue must be at least 1")
-        self._max_queue = max_queue
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._current: _Job | None = None
-        self._completed = 0
-        self._rejected = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    # ---- submitting (event loop) ----
-
-    def submit(self, work: Callable[[threading.Event], Iterator[T]]) -> JobStream[T]:
-        """Queue ``work(cancel)``; raises QueueFull or WorkerClosed instead of waiting."""
-        if self._closed.is_set():
-            raise WorkerClosed("the server is shutting down")
-        stream: JobStream[T] = JobStream(asyncio.get_running_loop())
-        try:
-            self._queue.put_nowait(_Job(work, stream, time.monotonic()))
-        except queue.Full:
-            with self._lock:
-                self._rejected += 1
-            raise QueueFull(f"the request queue is full ({self._max_queue} waiting)") from None
-        return stream
-
-    async def call(self, work: Callable[[threading.Event], R]) -> R:
-        """Run a plain function on the worker thread and await its result."""
-
-        def once(cancel: threading.Event) -> Iterator[R]:
-            yield work(cancel)
-
-        return await self.submit(once).result()
-
-    # ---- the thread ----
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            stream = job.stream
-            if stream.cancel_event.is_set():
-                stream.deliver(_END)
-                continue
-            with self._lock:
-                self._current = job
-            stream.started.set()
-            try:
-                for item in job.work(stream.cancel_event):
-                    stream.deliver(_ITEM, item)
-                stream.deliver(_END)
-            except Exception as exc:  # handed to the awaiting request, which maps it to HTTP
-                stream.deliver(_ERROR, exc)
-            except BaseException as exc:
-                stream.deliver(_ERROR, WorkerClosed(f"worker stopped: {exc.__class__.__name__}"))
-                raise
-            finally:
-                with self._lock:
-                    self._current = None
-                    self._completed += 1
-
-    # ---- shutdown ----
-
-    def close(self, grace_s: float = 10.0) -> bool:
-        """Stop taking jobs, drop queued ones, give the running job ``grace_s`` then cancel it.
-
-        Returns True when the thread stopped within the bound.
-        """
-        self._closed.set()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.stream.cancel_event.set()
-                job.stream.deliver(_ERROR, WorkerClosed("the server is shutting down"))
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self.busy:
-            time.sleep(0.02)
-        with self._lock:
-            if self._current is not None:
-                self._current.stream.cancel_event.set()
-        # The stop sentinel; if a submit raced the close and filled the queue, the thread is a
-        # daemon and its job was cancelled anyway.
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=1.0)
-        if self._thread.is_alive():
-            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
-        return not self._thread.is_alive()
-
-    @property
-    def busy(self) -> bool:
-        with self._lock:
-            return self._current is not None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def stats(self) -> WorkerStats:
-        with self._lock:
-            return WorkerStats(
-                queued=self._queue.qsize(),
-                max_queue=self._max_queue,
-                busy=self._current is not None,
-                completed=self._completed,
-                rejected=self._rejected,
-            )
+async def on_engine(engine: Engine, work: Callable[[], R]) -> R:
+    """Run ``work`` on the engine's step loop, between two steps, and await its result."""
+    return await asyncio.wrap_future(engine.call(work))

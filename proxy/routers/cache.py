@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
@@ -16,8 +15,8 @@ from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
 from proxy.errors import InvalidRequest
 from proxy.generation import overloaded
 from proxy.schemas import WarmupRequest
-from proxy.services import Services
-from proxy.worker import QueueFull, WorkerClosed
+from proxy.worker import EngineClosed, QueueFull, on_engine
+from proxy.worker import warmup as engine_warmup
 
 router = APIRouter()
 
@@ -42,7 +41,8 @@ async def cache_stats(
             "hit_rate": st.hits / lookups if lookups else 0.0,
             "cached_tokens": summary["cached_tokens_by_tier"].get(name, 0),
         }
-    worker = services.worker.stats()
+    engine = generation.engine.stats()
+    sched = engine.scheduler
     return {
         "model": settings.model_name,
         "block_size": settings.block_size,
@@ -51,18 +51,24 @@ async def cache_stats(
         "tiers": tier_json,
         "locked_blocks": runtime.locked_blocks(),
         "writer": runtime.writer_stats(),
-        "queue": asdict(worker),
-        "cancelled": generation.cancelled.snapshot(),
+        "queue": {
+            "waiting": sched.waiting,
+            "max": settings.max_queue,
+            "running": sched.running,
+            "busy": sched.running > 0 or sched.waiting > 0,
+        },
+        "batch": generation.batch_figures(),
+        "cancelled": {"requests": engine.cancelled_requests, "completion_tokens": engine.cancelled_tokens},
         **summary,
     }
 
 
 @router.delete("/v1/cache")
-async def flush_cache(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
-    # On the model thread: a flush must not interleave with a running prefill's store calls.
+async def flush_cache(_: AdminDep, runtime: RuntimeDep, generation: GenerationDep) -> dict[str, Any]:
+    # On the engine's step loop: a flush must not interleave with a step's store calls.
     try:
-        outcomes = await services.worker.call(lambda _cancel: runtime.clear())
-    except (QueueFull, WorkerClosed) as exc:
+        outcomes = await on_engine(generation.engine, runtime.clear)
+    except EngineClosed as exc:
         raise overloaded(exc) from None
     # A tier that failed (Redis down) is reported, not hidden behind a plain 200 "done".
     return {
@@ -75,7 +81,6 @@ async def flush_cache(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -
 @router.post("/v1/cache/warmup", openapi_extra=documented_body(WarmupRequest))
 async def warmup(
     principal: AdminDep,
-    services: ServicesDep,
     runtime: RuntimeDep,
     generation: GenerationDep,
     body: Annotated[WarmupRequest, Depends(json_body(WarmupRequest))],
@@ -95,11 +100,11 @@ async def warmup(
                 param=f"items[{index}]",
                 code="context_length_exceeded",
             )
-        result = await _on_worker(
-            services, lambda _c, ids=ids: runtime.warmup(ids, tenant=tenant, cache_salt=salt)
+        result = await _queued(
+            lambda ids=ids: engine_warmup(generation.engine, ids, tenant=tenant, cache_salt=salt)
         )
-        for name in totals:
-            totals[name] += result[name]
+        for name, value in runtime.warmup_figures(result).items():
+            totals[name] += value
     # Answer only once every tier holds the blocks (the lower tiers are written in the background).
     drained = await asyncio.to_thread(runtime.drain, _DRAIN_TIMEOUT_S)
     return {
@@ -110,15 +115,15 @@ async def warmup(
     }
 
 
-async def _on_worker(services: Services, work: Callable[[threading.Event], R]) -> R:
-    """Warmup shares the model thread with live traffic: wait for a queue slot rather than fail."""
+async def _queued(work: Callable[[], Awaitable[R]]) -> R:
+    """Warmup shares the batch with live traffic: wait for a queue slot rather than fail."""
     deadline = time.monotonic() + _QUEUE_RETRY_S
     while True:
         try:
-            return await services.worker.call(work)
+            return await work()
         except QueueFull as exc:
             if time.monotonic() > deadline:
                 raise overloaded(exc) from None
             await asyncio.sleep(0.05)
-        except WorkerClosed as exc:
+        except EngineClosed as exc:
             raise overloaded(exc) from None

@@ -42,7 +42,7 @@ async def health(services: ServicesDep) -> JSONResponse:
             state["prefix"] = settings.redis_prefix
         tier_state[name] = state
     degraded = any(not s["healthy"] for s in tier_state.values())
-    worker = services.worker.stats()
+    engine = runtime.engine.stats().scheduler
     body.update(
         status="degraded" if degraded else "ok",
         device=runtime.device,
@@ -50,6 +50,11 @@ async def health(services: ServicesDep) -> JSONResponse:
         block_size=settings.block_size,
         cacheable=runtime.cacheable,
         tiers=tier_state,
-        queue={"waiting": worker.queued, "max": worker.max_queue, "busy": worker.busy},
+        queue={
+            "waiting": engine.waiting,
+            "max": settings.max_queue,
+            "running": engine.running,
+            "busy": engine.running > 0 or engine.waiting > 0,
+        },
     )
     return JSONResponse(body)

@@ -20,7 +20,7 @@ from proxy.settings import ServeSettings
 def held_loader(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release = threading.Event()
 
-    def build_runtime(settings: ServeSettings, metrics: object) -> object:
+    def build_runtime(settings: ServeSettings, metrics: object, **_: object) -> object:
         release.wait(10)
         raise proxy.services.LoadError("no such model: /nowhere")
 
