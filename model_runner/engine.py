@@ -170,7 +170,8 @@ class Engine:
                 max_batch=self.config.max_batch,
                 max_batch_tokens=self.config.max_batch_tokens,
                 kv_budget_bytes=self.config.kv_budget_bytes,
-            )
+            ),
+            cached=self._memory_holds if self._cache is not None else None,
         )
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -455,6 +456,8 @@ class Engine:
                 self._stopped.set()
                 return
             plan = self._scheduler.schedule()
+            for seq in plan.stale:
+                self._relookup(seq)
             for seq in plan.admitted:
                 self._admit(seq)
             if plan.runs:
@@ -607,6 +610,10 @@ class Engine:
             self._cache.store_blocks(seq.namespace, ids, hashes, first, blocks)
         except Exception:
             log.exception("storing blocks %d..%d failed", first, n_blocks - 1)
+
+    def _memory_holds(self, key: bytes) -> bool:
+        assert self._cache is not None
+        return self._cache.trie.contains([key])[0]
 
     def _release_followers(self, seq: Seq) -> None:
         """``seq``'s prompt blocks are stored: the requests waiting for them look up again."""

@@ -18,10 +18,13 @@ guarantee for a fuller batch when many requests stop early.)
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from model_runner.sequence import Sequence
+
+MAX_RELOOKUPS = 2
+"""Lookups redone for a stale miss, at most, per request (a lookup is never redone forever)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class StepPlan:
     admitted: tuple[Sequence, ...]
     """Newly admitted: their K/V must be allocated and restored before the step runs."""
     runs: tuple[Planned, ...]
+    stale: tuple[Sequence, ...] = ()
+    """Ready requests whose lookup missed blocks that are cached now: look them up again."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    """``cached(key)`` says whether the memory tier holds a block now (``None``: no cache)."""
+
+    def __init__(self, config: SchedulerConfig, cached: Callable[[bytes], bool] | None = None) -> None:
         self.config = config
+        self._cached = cached
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.kv_used = 0
@@ -129,7 +137,15 @@ class Scheduler:
                 n = min(seq.prefill_left, budget)
                 runs.append(Planned(seq, n))
                 budget -= n
-        # 3. admissions, FIFO.
+        # 3. admissions, FIFO. First every ready request whose next block is being prefilled
+        # waits for it (even while the batch is full, so none is admitted later on a stale miss).
+        stale: list[Sequence] = []
+        for seq in self.waiting:
+            if seq.phase == "waiting" and seq.waiting_on is None:
+                producer = self._producer_of(seq)
+                if producer is not None:
+                    seq.waiting_on = producer
+                    producer.followers.append(seq)
         admitted: list[Sequence] = []
         self._waiting_for_kv = False
         for seq in list(self.waiting):
@@ -137,10 +153,9 @@ class Scheduler:
                 break
             if seq.phase != "waiting" or seq.waiting_on is not None:
                 continue  # lookup still running, or waiting for a running request's blocks
-            producer = self._producer_of(seq)
-            if producer is not None:
-                seq.waiting_on = producer
-                producer.followers.append(seq)
+            if seq.relookups < MAX_RELOOKUPS and self._stale(seq):
+                seq.relookups += 1
+                stale.append(seq)  # blocks it missed were stored since: look up again
                 continue
             if self.kv_used + seq.reserve_bytes > cfg.kv_budget_bytes and self.running:
                 self._waiting_for_kv = True
@@ -154,7 +169,7 @@ class Scheduler:
                 n = min(seq.prefill_left, budget)
                 runs.append(Planned(seq, n))
                 budget -= n
-        return StepPlan(tuple(admitted), tuple(runs))
+        return StepPlan(tuple(admitted), tuple(runs), tuple(stale))
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -177,6 +192,12 @@ class Scheduler:
         if matched >= len(hit.hashes):
             return None
         return self._inflight.get(hit.hashes[matched])
+
+    def _stale(self, seq: Sequence) -> bool:
+        hit = seq.hit
+        if hit is None or self._cached is None or len(hit.blocks) >= len(hit.hashes):
+            return False
+        return self._cached(hit.hashes[len(hit.blocks)])
 
     def _register_inflight(self, seq: Sequence) -> None:
         """The prompt blocks ``seq`` will compute (its unmatched full blocks). They stay

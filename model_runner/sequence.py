@@ -72,6 +72,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     prefill_steps: int = 0
     """Steps its prefill took part in (more than one: chunked)."""
+    relookups: int = 0
+    """Lookups redone because blocks it missed were cached meanwhile."""
     timeline: Timeline = field(default_factory=Timeline)
     _stream: TokenStream | None = None
 

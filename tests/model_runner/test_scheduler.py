@@ -132,3 +132,28 @@ def test_config_is_validated() -> None:
         SchedulerConfig(max_batch=0, max_batch_tokens=4, kv_budget_bytes=1)
     with pytest.raises(ValueError, match="one request"):
         SchedulerConfig(max_batch=2, max_batch_tokens=None, kv_budget_bytes=1)
+
+
+def test_followers_are_found_while_the_batch_is_full() -> None:
+    sched = Scheduler(SchedulerConfig(max_batch=1, max_batch_tokens=100, kv_budget_bytes=1 << 30))
+    shared = [b"a" * 16, b"b" * 16]
+    producer, follower = seq(8, id_=1, hashes=shared), seq(8, id_=2, hashes=shared)
+    sched.add(producer)
+    admit(sched)
+    sched.add(follower)
+    assert admit(sched) == []
+    # Registered as waiting on the producer although no slot was free to admit it.
+    assert follower.waiting_on is producer
+
+
+def test_a_lookup_that_missed_blocks_cached_since_is_redone() -> None:
+    cached: set[bytes] = set()
+    sched = Scheduler(
+        SchedulerConfig(max_batch=4, max_batch_tokens=100, kv_budget_bytes=1 << 30),
+        cached=cached.__contains__,
+    )
+    late = seq(8, id_=1, hashes=[b"a" * 16, b"b" * 16])
+    sched.add(late)
+    cached.add(b"a" * 16)  # stored by a request that has finished meanwhile
+    plan = sched.schedule()
+    assert plan.stale == (late,) and plan.admitted == ()
