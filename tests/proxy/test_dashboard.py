@@ -1,16 +1,20 @@
 """The dashboard in headless Chromium (Playwright, Debian's /usr/bin/chromium): after real
 traffic it shows the same hit rate as /v1/cache/stats, and its chart gains points as traffic
-continues, without a reload. Saves artifacts/dashboard.png."""
+continues, without a reload; its batch panel shows the running and waiting requests, tokens per
+step and output tokens per second that /v1/cache/stats reported to it, and says when admission
+waits on the K/V budget or requests run one at a time. Saves artifacts/dashboard.png."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 from tests.proxy.helpers import chat_body, salt, text
 from tests.support.live_server import LiveServer
@@ -53,6 +57,53 @@ def stats(server: LiveServer) -> dict:
 
 def points(page: Page) -> int:
     return int(page.get_attribute("#hit-rate-chart", "data-points") or 0)
+
+
+def fixed1(x: float) -> str:
+    """JavaScript's ``x.toFixed(1)``: the exact binary value, a tie rounded away from zero
+    (Python's ``f"{x:.1f}"`` rounds a tie such as 12.25 to even)."""
+    return str(Decimal(x).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+def wait_idle(server: LiveServer, timeout_s: float = 10.0) -> dict:
+    """The batch once nothing runs or waits (the last request's slot is freed after its answer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = stats(server)["batch"]
+        if batch["running"] == 0 and batch["waiting"] == 0:
+            return batch
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the batch did not go idle within {timeout_s}s: {batch}")
+        time.sleep(0.05)
+
+
+def capture_stats(page: Page, edit: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every /v1/cache/stats answer the page gets, as the server gave it (then ``edit``ed)."""
+    seen: list[dict] = []
+
+    def handle(route: Route) -> None:
+        response = route.fetch()
+        body = response.json()
+        if edit is not None:
+            edit(body)
+        seen.append(body)
+        route.fulfill(response=response, json=body)
+
+    page.route("**/v1/cache/stats", handle)
+    return seen
+
+
+def open_once(
+    browser: Browser, server: LiveServer, edit: Callable[[dict], None] | None = None
+) -> tuple[Page, dict]:
+    """The dashboard after its first poll, with a poll interval long enough that it shows
+    exactly the one /v1/cache/stats answer it was given."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    seen = capture_stats(page, edit)
+    page.goto(server.url + "/dashboard?interval=600000")
+    page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
+    assert len(seen) == 1
+    return page, seen[0]
 
 
 def test_dashboard_shows_live_stats(server: LiveServer, browser: Browser) -> None:
@@ -106,4 +157,70 @@ def test_dashboard_asks_for_an_admin_key(browser: Browser, session_server_factor
     page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
     assert page.evaluate("sessionStorage.getItem('kvproxy.apiKey')") == "sk-admin-0123456789"
     assert not page.is_visible("#auth")
+    page.close()
+
+
+def test_dashboard_shows_the_batch(server: LiveServer, browser: Browser) -> None:
+    traffic(server, seed=92)
+    idle = wait_idle(server)
+    page, shown = open_once(browser, server)
+    b = shown["batch"]
+    assert page.is_visible("#batch")
+    # The server is idle: the page shows what the stats said, and that is still what they say.
+    assert (b["running"], b["waiting"]) == (idle["running"], idle["waiting"]) == (0, 0)
+    assert page.text_content("#batch-running") == f"{b['running']:,}" == "0"
+    assert page.text_content("#batch-waiting") == f"{b['waiting']:,}" == "0"
+    now = stats(server)["batch"]
+    assert page.text_content("#batch-running") == f"{now['running']:,}"
+    assert page.text_content("#batch-waiting") == f"{now['waiting']:,}"
+    # Figures over the last seconds: the traffic above is in the window, so they are not zero.
+    recent = b["recent"]
+    assert recent["steps"] > 0 and recent["tokens_per_step"] > 0 and recent["output_tokens_per_s"] > 0
+    assert page.text_content("#batch-tokens-per-step") == fixed1(recent["tokens_per_step"])
+    assert page.text_content("#batch-output-tps") == fixed1(recent["output_tokens_per_s"])
+    assert b["kv_budget_bytes"] > 0
+    assert page.text_content("#batch-kv") == fixed1(b["kv_used_bytes"] / b["kv_budget_bytes"] * 100) + "%"
+    assert page.get_attribute("#batch-kv", "data-used") == str(b["kv_used_bytes"])
+    assert page.get_attribute("#batch-kv", "data-budget") == str(b["kv_budget_bytes"])
+    # The mode and the K/V wait as the server reports them.
+    if b["batched"]:
+        assert page.text_content("#batch-mode") == "batched"
+    else:
+        assert page.text_content("#batch-mode") == f"requests run one at a time: {b['batching_reason']}"
+    assert page.is_visible("#batch-kv-wait") == b["waiting_for_kv"]
+    assert page.get_attribute("#batch", "data-kv-wait") == str(b["waiting_for_kv"]).lower()
+    page.close()
+
+
+def test_dashboard_says_when_admission_waits_and_requests_run_alone(
+    server: LiveServer, browser: Browser
+) -> None:
+    """States a small test server does not reach on its own: the real answer, edited."""
+    reason = "the attention layers cannot be packed into one step"
+
+    def full(body: dict) -> None:
+        body["batch"].update(
+            batched=False,
+            batching_reason=reason,
+            running=1,
+            waiting=3,
+            waiting_for_kv=True,
+            waiting_on_blocks=5,
+            kv_used_bytes=3 * 2**30,
+            kv_budget_bytes=4 * 2**30,
+        )
+
+    page, shown = open_once(browser, server, edit=full)
+    assert page.is_visible("#batch-kv-wait")
+    assert page.text_content("#batch-kv-wait") == "admission waiting: K/V budget full"
+    assert page.text_content("#batch-mode") == f"requests run one at a time: {reason}"
+    assert page.text_content("#batch-running") == "1"
+    assert page.text_content("#batch-waiting") == "3"
+    assert page.text_content("#batch-kv") == "75.0%"
+    assert page.text_content("#batch-kv-detail") == "3.0 GiB / 4.0 GiB"
+    assert page.get_attribute("#batch", "data-batched") == "false"
+    assert page.get_attribute("#batch", "data-kv-wait") == "true"
+    assert shown["batch"]["waiting_for_kv"] is True
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-kv-full.png"), full_page=True)
     page.close()
