@@ -141,17 +141,14 @@ class Scheduler:
         # waits for it (even while the batch is full, so none is admitted later on a stale miss).
         stale: list[Sequence] = []
         for seq in self.waiting:
-            if seq.phase == "waiting" and seq.waiting_on is None:
-                producer = self._producer_of(seq)
-                if producer is not None:
-                    seq.waiting_on = producer
-                    producer.followers.append(seq)
+            self._wait_for_producer(seq)
         admitted: list[Sequence] = []
         self._waiting_for_kv = False
         for seq in list(self.waiting):
             if len(self.running) >= cfg.max_batch:
                 break
-            if seq.phase != "waiting" or seq.waiting_on is not None:
+            # Again here: a request admitted earlier in this loop may be computing its blocks.
+            if seq.phase != "waiting" or self._wait_for_producer(seq):
                 continue  # lookup still running, or waiting for a running request's blocks
             if seq.relookups < MAX_RELOOKUPS and self._stale(seq):
                 seq.relookups += 1
@@ -182,6 +179,19 @@ class Scheduler:
         )
 
     # -- in-flight blocks ----------------------------------------------------------------------
+
+    def _wait_for_producer(self, seq: Sequence) -> bool:
+        """Whether ``seq`` waits for a running request's blocks (registering it when it starts to)."""
+        if seq.waiting_on is not None:
+            return True
+        if seq.phase != "waiting":
+            return False
+        producer = self._producer_of(seq)
+        if producer is None:
+            return False
+        seq.waiting_on = producer
+        producer.followers.append(seq)
+        return True
 
     def _producer_of(self, seq: Sequence) -> Sequence | None:
         """The running request that is prefilling the first block ``seq`` did not find."""

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("kvproxy")
 
@@ -170,9 +171,42 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+class InternalErrors:
+    """Answers an unexpected exception with the 500 body right here (ASGI middleware).
+
+    Starlette hands an ``Exception`` handler to its outermost error middleware, which sends the
+    response and then re-raises: uvicorn logs a second traceback and drops the keep-alive
+    connection without ``Connection: close``, so a pooled client's next request on it fails.
+    Caught here, inside that middleware, the connection stays usable."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # too late for a status line: let the server close the stream
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     # Starlette types handlers as taking Exception; each is registered for its own class only.
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _request_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(Exception, _unexpected)  # the last resort, should InternalErrors fail
+    app.add_middleware(InternalErrors)

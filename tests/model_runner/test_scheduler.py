@@ -157,3 +157,13 @@ def test_a_lookup_that_missed_blocks_cached_since_is_redone() -> None:
     cached.add(b"a" * 16)  # stored by a request that has finished meanwhile
     plan = sched.schedule()
     assert plan.stale == (late,) and plan.admitted == ()
+
+
+def test_two_requests_ready_in_the_same_step_share_the_blocks_of_the_first() -> None:
+    sched = Scheduler(SchedulerConfig(max_batch=8, max_batch_tokens=100, kv_budget_bytes=1 << 30))
+    shared = [b"a" * 16, b"b" * 16]
+    first, second = seq(8, id_=1, hashes=shared), seq(12, id_=2, hashes=[*shared, b"c" * 16])
+    sched.add(first)
+    sched.add(second)
+    assert admit(sched) == [first]
+    assert second.waiting_on is first
