@@ -2,8 +2,9 @@
 against one server, mixing cache hits (shared system prompts) and misses (fresh cache_salt),
 JSON and SSE, with some streams dropped midway. Zero errors except deliberate 503 back-pressure
 (--max-queue is below the client count), the server's RSS within its configured budgets plus a
-stated margin, every output equal to the sequential (temperature 0) result, and no block left
-locked at the end. Requests/s and p50/p99 TTFT are printed and written to artifacts/load.json."""
+stated margin, every output (and the start of every dropped stream) equal to the sequential
+(temperature 0) result although the requests ran batched (the default), and no block left locked
+at the end. Requests/s and p50/p99 TTFT are printed and written to artifacts/load.json."""
 
 from __future__ import annotations
 
@@ -126,6 +127,11 @@ async def one_request(
                         parts.append(choice["delta"]["content"])
                 if cancel and parts:
                     tally.cancelled += 1
+                    # What a dropped stream got so far is the start of the sequential answer.
+                    if not reference[key].startswith("".join(parts)):
+                        tally.mismatches.append(
+                            f"{key} (dropped): {''.join(parts)!r} is no prefix of {reference[key]!r}"
+                        )
                     return  # leaving the block drops the connection mid-stream
         out = "".join(parts)
         if usage is None:
@@ -208,11 +214,11 @@ def test_load(server_factory: ServerFactory, tmp_path: Path) -> None:
         sampler.join(timeout=5)
     elapsed = time.monotonic() - started
 
-    # Cancelled generations stop at their next token; wait until the worker is idle.
+    # Cancelled generations leave the batch at its next step; wait until the engine is idle.
     stats: dict[str, Any] = {}
     for _ in range(100):
         stats = server.get_json("/v1/cache/stats")
-        if not stats["queue"]["busy"] and stats["queue"]["queued"] == 0:
+        if not stats["queue"]["busy"] and stats["queue"]["waiting"] == 0:
             break
         time.sleep(0.1)
     budget = baseline_rss + MEMORY_BYTES + RSS_MARGIN_BYTES
@@ -234,6 +240,10 @@ def test_load(server_factory: ServerFactory, tmp_path: Path) -> None:
         "memory_tier_mib": MEMORY_BYTES // 2**20,
         "max_queue": MAX_QUEUE,
         "server_cancelled": stats.get("cancelled", {}).get("requests"),
+        "batched": stats.get("batch", {}).get("batched"),
+        "max_batch": stats.get("batch", {}).get("max_batch"),
+        "batched_steps": stats.get("batch", {}).get("batched_steps"),
+        "max_step_requests": stats.get("batch", {}).get("max_step_requests"),
         "locked_blocks_after": stats.get("locked_blocks"),
         "evictions": {name: tier["evictions"] for name, tier in stats.get("tiers", {}).items()},
     }
@@ -243,6 +253,10 @@ def test_load(server_factory: ServerFactory, tmp_path: Path) -> None:
 
     assert not tally.errors, Counter(tally.errors).most_common(3)
     assert not tally.mismatches, tally.mismatches[:3]
+    # Batching was on (the default): the clients really shared steps, and the outputs above still
+    # equal the sequential ones.
+    assert figures["batched"] and figures["max_batch"] > 1, figures
+    assert figures["batched_steps"] and figures["max_step_requests"] > 1, figures
     assert tally.ok >= CLIENTS and tally.hits and tally.misses and tally.cancelled
     assert max(rss_samples) <= budget, figures
     assert stats["locked_blocks"] == 0, stats["locked_blocks"]
