@@ -100,6 +100,8 @@ def packed_attention(
         q = query[:, :, a : a + n]  # [1, Hq, n, D]
         if manual:
             o = _eager(q, keys, values, mask, scaling, softcap, s_aux)
+        elif n == 1 and q.device.type == "cpu":
+            o = _decode_cpu(q, keys, values, scaling)
         else:
             o = _sdpa(q, keys, values, mask, scaling)
         out[0, a : a + n] = o[0].transpose(0, 1)  # [n, Hq, Dv]
@@ -149,6 +151,18 @@ def _sdpa(
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+
+
+def _decode_cpu(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One query token over its request's K/V, as two batched matmuls over the KV heads (the
+    query heads of a group side by side, so GQA needs no repeat). On CPU this is about twice
+    as fast as SDPA's flash kernel for a single query, whose per-call setup dominates at this
+    size; a decode step makes one such call per request and layer. ``q``: [1, Hq, 1, D]."""
+    kv_heads, dim = keys.shape[0], q.shape[-1]
+    grouped = q.reshape(kv_heads, -1, dim)  # [Hkv, rep, D]
+    weights = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scaling)  # [Hkv, rep, L]
+    probs = torch.softmax(weights, dim=-1)
+    return torch.bmm(probs, values).reshape(1, q.shape[1], 1, values.shape[-1])
 
 
 def _eager(
