@@ -50,6 +50,17 @@ def make_cache(block_size: int = BLOCK, **options: object) -> PrefixCache:
     return build_prefix_cache(StoreOptions(memory_bytes=64 << 20, **options), block_size)  # type: ignore[arg-type]
 
 
+def lower_tier_options(tier: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, object]:
+    """``StoreOptions`` fields for a disk or Redis tier (Redis: the session's server and a
+    prefix of this test's own)."""
+    if tier == "disk":
+        return {"disk_dir": tmp_path / "blocks"}
+    return {
+        "redis_url": request.getfixturevalue("redis_url"),
+        "redis_prefix": request.getfixturevalue("redis_prefix"),
+    }
+
+
 @dataclass
 class RunResult:
     tokens: list[int]

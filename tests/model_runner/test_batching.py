@@ -25,7 +25,7 @@ from model_runner.engine_config import EngineConfig
 from model_runner.loading import LoadedModel
 from model_runner.records import Failed, Finished, GenerationRequest, TextDelta
 from model_runner.sampling import SamplingParams
-from tests.model_runner.conftest import BLOCK, MARGIN, base_tokens, make_cache
+from tests.model_runner.conftest import BLOCK, MARGIN, base_tokens, lower_tier_options, make_cache
 
 LOGIT_TOLERANCE = 1e-4
 MIN_COMPARED = 8
@@ -195,13 +195,7 @@ def test_batched_requests_restored_from_a_lower_tier(
     kind: str, tier: str, load_tiny: Callable[[str], LoadedModel], tmp_path, request: pytest.FixtureRequest
 ) -> None:
     loaded = load_tiny(kind)
-    if tier == "disk":
-        options: dict[str, object] = {"disk_dir": tmp_path / "blocks"}
-    else:
-        options = {
-            "redis_url": request.getfixturevalue("redis_url"),
-            "redis_prefix": request.getfixturevalue("redis_prefix"),
-        }
+    options = lower_tier_options(tier, tmp_path, request)
     document, prompts, refs = workload(loaded, 12, seed=5)
     writer_cache = make_cache(**options)
     writer = Engine(loaded, writer_cache, BLOCK)

@@ -15,7 +15,15 @@ from cache_store.hashing import namespace_hash
 from model_runner import kv
 from model_runner.engine import Engine
 from model_runner.loading import LoadedModel
-from tests.model_runner.conftest import BLOCK, MARGIN, base_tokens, make_cache, reference, run
+from tests.model_runner.conftest import (
+    BLOCK,
+    MARGIN,
+    base_tokens,
+    lower_tier_options,
+    make_cache,
+    reference,
+    run,
+)
 
 CACHED_KINDS = ["llama", "qwen2", "mistral", "gpt2"]
 
@@ -108,13 +116,7 @@ def test_prefix_from_lower_tier(
     kind: str, tier: str, load_tiny: Callable[[str], LoadedModel], tmp_path, request: pytest.FixtureRequest
 ) -> None:
     loaded = load_tiny(kind)
-    if tier == "disk":
-        options: dict[str, object] = {"disk_dir": tmp_path / "blocks"}
-    else:
-        options = {
-            "redis_url": request.getfixturevalue("redis_url"),
-            "redis_prefix": request.getfixturevalue("redis_prefix"),
-        }
+    options = lower_tier_options(tier, tmp_path, request)
     prompts = shared_prefix_prompts(loaded)[:12]
     writer = make_cache(**options)
     writer_engine = Engine(loaded, writer, BLOCK)
