@@ -49,7 +49,7 @@ _HELP: Mapping[str, str] = MappingProxyType(
         "max_batch": "requests decoding together; 1 = one at a time, bitwise reproducible "
         "(default: 32 on CPU, 128 on CUDA)",
         "max_batch_tokens": "tokens of one forward step; a longer prefill is split across steps "
-        "(default: 256 on CPU, 2048 on CUDA)",
+        "(default: 512 on CPU, 2048 on CUDA)",
         "kv_budget_bytes": "K/V reserved by running requests; admission waits when it is full "
         "(default: 4GiB on CPU, half the free GPU memory on CUDA)",
     }
