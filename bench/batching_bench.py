@@ -25,8 +25,9 @@ GBs of CUDA wheels)::
 ``--peer-python`` names another interpreter (default ``.venv-bench/bin/python``); without a
 usable one the peer arm is skipped with a message, the rest still runs.
 
-Writes ``batching.json`` and ``batching.md`` to ``--out`` (default bench/results); a full run
-(or ``--docs DIR``) also writes ``batching.md`` and ``batching.png`` to docs/bench.
+Writes ``batching.json``, ``batching.md`` and ``batching.png`` to ``--out`` (default
+bench/results); a whole default run (no --quick, every section, no --users/--batches, CPU) also
+writes ``batching.md`` and ``batching.png`` to docs/bench (``--docs DIR``: there instead).
 ``--device cuda`` (bfloat16 by default) runs the same sections on a GPU (``bench/gpu.sh``) and
 stops at once, saying so, where torch sees no CUDA device.
 """
@@ -253,11 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     check_device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    docs = (
-        args.docs
-        if args.docs is not None
-        else (None if args.quick or args.device == "cuda" else ROOT / "docs" / "bench")
-    )
+    # Only a whole default run (every section, the full CPU plan) replaces docs/bench's report.
+    complete = set(args.sections) == set(SECTIONS) and not (args.users or args.batches)
+    default_run = complete and not args.quick and args.device == "cpu"
+    docs = args.docs if args.docs is not None else (ROOT / "docs" / "bench" if default_run else None)
     # The in-process sections run under a `kvproxy serve` process's host memory settings, as the
     # servers do; the servers inherit the thread count (torch reads OMP_NUM_THREADS at start).
     tuning = host_memory.tune_allocator(host_memory.reservation_bytes(MEMORY_BYTES))
