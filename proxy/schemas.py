@@ -1,15 +1,19 @@
 """OpenAI request and response models (chat + completions) with kvproxy's extensions.
 
 Requests ignore unknown fields (clients send many we have no use for) but validate every field we
-act on. Responses carry the standard ``usage`` plus a ``kvproxy`` object that standard clients
-ignore.
+act on, and refuse the OpenAI fields that would change the answer and are not implemented.
+Responses carry the standard ``usage`` plus a ``kvproxy`` object that standard clients ignore.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.errors import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
 
@@ -52,6 +56,31 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+_NOT_IMPLEMENTED: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {
+        # field -> the values that leave the answer as it is (accepted: clients send them)
+        "tools": (None, []),
+        "tool_choice": (None, "none", "auto"),
+        "functions": (None, []),
+        "function_call": (None, "none", "auto"),
+        "response_format": (None, {"type": "text"}),
+        "logprobs": (None, False),
+        "top_logprobs": (None, 0),
+        "logit_bias": (None, {}),
+        "frequency_penalty": (None, 0, 0.0),
+        "presence_penalty": (None, 0, 0.0),
+        "best_of": (None, 1),
+        "echo": (None, False),
+        "suffix": (None, ""),
+        "prediction": (None,),
+        "audio": (None,),
+        "modalities": (None, ["text"]),
+    }
+)
+"""OpenAI fields that would change the answer and are not implemented: a 400 naming the field
+(never silently dropped), unless the value is one that changes nothing."""
+
+
 class SamplingRequest(_Request):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -65,6 +94,19 @@ class SamplingRequest(_Request):
     user: str | None = None
     n: int = 1
     cache_salt: Text | None = Field(default=None, max_length=1024)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_not_implemented(cls, data: Any, handler: Any) -> Any:
+        if isinstance(data, dict):
+            for name, harmless in _NOT_IMPLEMENTED.items():
+                if name in data and data[name] not in harmless:
+                    raise InvalidRequest(
+                        f"'{name}' is not supported by this server yet; remove it or send its default.",
+                        param=name,
+                        code="unsupported_parameter",
+                    )
+        return handler(data)
 
     @field_validator("temperature", "top_p", "top_k", "n", "stream", mode="before")
     @classmethod

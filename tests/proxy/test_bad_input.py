@@ -117,6 +117,36 @@ CASES: list[tuple[str, str, bytes, int, str | None, str | None]] = [
     ("unknown-model", CHAT, _raw({**chat_body(SECRET), "model": "gpt-9"}), 404, "model", "model_not_found"),
     ("warmup-empty-items", "/v1/cache/warmup", _raw({"items": []}), 400, "items", None),
     ("warmup-bad-item", "/v1/cache/warmup", _raw({"items": [{"text": SECRET}]}), 400, "items[0]", None),
+    # Fields that would change the answer and are not implemented: a 400 naming them.
+    *[
+        (f"unsupported-{field}", path, _raw({**body, field: value}), 400, field, "unsupported_parameter")
+        for field, value in (
+            ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            ("tool_choice", "required"),
+            ("response_format", {"type": "json_object"}),
+            ("logprobs", True),
+            ("logit_bias", {"5": 10}),
+            ("frequency_penalty", 0.5),
+            ("presence_penalty", 1.0),
+        )
+        for path, body in ((CHAT, chat_body(SECRET)),)
+    ],
+    (
+        "unsupported-echo",
+        COMPLETIONS,
+        _raw({"model": "demo", "prompt": SECRET, "echo": True}),
+        400,
+        "echo",
+        None,
+    ),
+    (
+        "unsupported-best-of",
+        COMPLETIONS,
+        _raw({"model": "demo", "prompt": SECRET, "best_of": 3}),
+        400,
+        "best_of",
+        None,
+    ),
 ]
 
 
@@ -169,3 +199,19 @@ def test_server_healthy_after_bad_input(server: LiveServer) -> None:
     resp = httpx.post(server.url + CHAT, json=chat_body("a good request after the bad ones"), timeout=30)
     assert resp.status_code == 200
     assert resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_defaults_of_unsupported_fields_are_accepted(server: LiveServer) -> None:
+    """Clients send these with their do-nothing values: that changes nothing and stays a 200."""
+    body = chat_body(
+        "hello",
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        logprobs=False,
+        frequency_penalty=0,
+        presence_penalty=0.0,
+        logit_bias={},
+    )
+    resp = httpx.post(server.url + CHAT, json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
