@@ -36,7 +36,7 @@ from typing import Any
 
 import redis
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from model_runner import host_memory
@@ -59,31 +59,45 @@ MEMORY_BYTES = 1 << 30
 RESULTS = Path(__file__).resolve().parent / "results" / "model_runner.json"
 
 
-def build_bench_model(dest: Path, seed: int = 0) -> Path:
+def build_bench_model(
+    dest: Path,
+    seed: int = 0,
+    config_class: type[PretrainedConfig] = LlamaConfig,
+    model_class: type[PreTrainedModel] = LlamaForCausalLM,
+    **config: object,
+) -> Path:
+    """The benches' random model (8 layers, hidden 512, 8 query / 2 KV heads, vocab 8192) of
+    ``model_class`` with its tokenizer, written to ``dest`` (deterministic for a seed)."""
     tokenizer = train_bpe_tokenizer(pseudo_word_corpus(seed, 3000), 8192)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        bos_token_id=0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=0,
-        tie_word_embeddings=False,
+    model = model_class(
+        config_class(
+            vocab_size=len(tokenizer),
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            bos_token_id=0,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+            **config,
+        )
     )
-    model = LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             if "norm" in name:
                 param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * (0.5 if "lm_head" in name else 0.03))
         # A zero EOS row never wins greedy decoding, so every decode runs its full length.
         model.lm_head.weight[tokenizer.eos_token_id].zero_()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = 0
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest

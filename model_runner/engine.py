@@ -110,10 +110,6 @@ class Handle:
         self._seq = seq
         self._wake = wake
 
-    @property
-    def cancel_event(self) -> threading.Event:
-        return self._seq.cancel
-
     def cancel(self) -> None:
         if not self._seq.cancel.is_set():
             self._seq.cancel.set()
