@@ -12,6 +12,7 @@ stay pinned until it ends, whatever way it ends; a failure in one request fails 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -256,7 +257,9 @@ class Engine:
         / ``InvalidTokens`` at once, before any work, and ``QueueFull`` / ``EngineClosed``
         instead of waiting. Setting ``cancel`` (or ``Handle.cancel()``) makes the request leave
         the batch at the next step."""
-        self._check_prompt(request.prompt_ids, request.sampling.max_tokens)
+        self._check_prompt(request.prompt_ids, request.sampling.max_tokens, choices=request.n)
+        if any(token >= self._vocab_size for token, _ in request.sampling.logit_bias):
+            raise InvalidTokens(f"logit_bias token ids must be in [0, {self._vocab_size})")
         return self._enqueue(request, sink, prefill_only=False, cancel=cancel)
 
     def submit_warmup(
@@ -327,7 +330,7 @@ class Engine:
 
     # -- checks --------------------------------------------------------------------------------
 
-    def _check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> None:
+    def _check_prompt(self, prompt_ids: Sequence[int], max_tokens: int, *, choices: int = 1) -> None:
         if len(prompt_ids) + max_tokens > self.max_context:
             raise ContextLengthExceeded(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
@@ -335,11 +338,12 @@ class Engine:
             )
         if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size):
             raise InvalidTokens(f"prompt token ids must be in [0, {self._vocab_size})")
-        need = (len(prompt_ids) + max_tokens) * self._forward.bytes_per_token
+        need = (len(prompt_ids) + max_tokens) * self._forward.bytes_per_token * choices
         if need > self.config.kv_budget_bytes:
+            each = f" for each of {choices} choices" if choices > 1 else ""
             raise ContextLengthExceeded(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs {need} bytes of "
-                f"K/V, more than the whole --kv-budget-bytes ({self.config.kv_budget_bytes})"
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}){each} needs {need} bytes "
+                f"of K/V, more than the whole --kv-budget-bytes ({self.config.kv_budget_bytes})"
             )
 
     def _enqueue(
@@ -496,7 +500,8 @@ class Engine:
             # At least one prompt token is always prefilled: its logits pick the first token.
             seq.cached = min(matched, len(seq.prompt) - 1)
             capacity = len(seq.prompt) + seq.request.sampling.max_tokens
-        seq.reserve_bytes = capacity * self._forward.bytes_per_token
+        # Every choice of an n > 1 request gets its own copy once the prompt is prefilled.
+        seq.reserve_bytes = capacity * self._forward.bytes_per_token * seq.slots
         seq.phase = "waiting"
 
     def _admit(self, seq: Seq) -> None:
@@ -571,13 +576,14 @@ class Engine:
             return
         if prefill_finished:
             seq.phase = "decode"
-        done = False
-        if logits is not None:
-            if self._logits_hook is not None:
-                self._logits_hook(seq.request, logits)
-            stream = seq.stream(self._tokenizer, self._eos, self._device)
-            done = stream.accept(logits)
-            self._counts.generated_tokens += 1
+            if not seq.forked:
+                for child in self._fork(seq):
+                    try:
+                        self._sample(child, logits)
+                    except Exception as exc:
+                        log.exception("request %d (choice %d) failed", seq.id, child.choice)
+                        self._fail(child, exc)
+        done = self._sample(seq, logits) if logits is not None else False
         # Prompt blocks go into the cache as soon as their chunk is done, after the first token
         # went out (the store never delays it).
         self._store_blocks(seq, min(seq.fed, len(seq.prompt)))
@@ -587,6 +593,53 @@ class Engine:
             self._finish(seq, seq.stream(self._tokenizer, self._eos, self._device).finish or "stop")
         elif seq.cancel.is_set():
             self._finish(seq, "cancelled")
+
+    def _sample(self, seq: Seq, logits: torch.Tensor | None) -> bool:
+        """Sample ``seq``'s next token; True when it is done. (A forked choice finishes here; the
+        sequence that prefilled finishes in ``_advance``, after storing its prompt blocks.)"""
+        if logits is None:
+            return False
+        if self._logits_hook is not None:
+            self._logits_hook(seq.request, logits)
+        stream = seq.stream(self._tokenizer, self._eos, self._device)
+        done = stream.accept(logits)
+        self._counts.generated_tokens += 1
+        if done and seq.parent is not None:
+            self._finish(seq, stream.finish or "stop")
+        return done
+
+    def _fork(self, seq: Seq) -> list[Seq]:
+        """The prompt of an ``n`` > 1 request is prefilled: copy its K/V for choices 1.. (each
+        samples its first token from the same logits row, with its own seed)."""
+        seq.forked = True
+        n = seq.request.n
+        if n == 1 or seq.kv is None:
+            return []
+        each = seq.reserve_bytes // n
+        seq.reserve_bytes = each  # the scheduler reserved n shares; each choice now holds one
+        prompt_blocks = min(seq.fed, len(seq.prompt)) // self.block_size
+        children = []
+        for choice in range(1, n):
+            child = Seq(
+                id=next(self._ids),
+                request=seq.request,
+                sink=seq.sink,
+                cancel=seq.cancel,
+                choice=choice,
+                parent=seq,
+                forked=True,
+            )
+            child.namespace = seq.namespace
+            child.cached = seq.cached
+            child.kv = seq.kv.fork()
+            child.reserve_bytes = each
+            child.stored_blocks = max(seq.stored_blocks, prompt_blocks)  # the first choice stores them
+            child.prefill_steps = seq.prefill_steps
+            child.timeline = dataclasses.replace(seq.timeline)
+            child.phase = "decode"
+            self._scheduler.adopt(child)
+            children.append(child)
+        return children
 
     def _store_blocks(self, seq: Seq, upto_tokens: int) -> None:
         """Store full blocks ``seq.stored_blocks ..`` of the first ``upto_tokens`` tokens (their
@@ -644,7 +697,7 @@ class Engine:
             if seq.prefill_only:
                 self._emit(seq, Failed(EngineClosed("the warmup was cancelled")))
             else:
-                self._emit(seq, Finished(reason, usage))
+                self._emit(seq, Finished(reason, usage, index=seq.choice))
 
     def _finish_warmup(self, seq: Seq) -> None:
         result = WarmupResult(
@@ -688,9 +741,11 @@ class Engine:
         now = time.perf_counter()
         tl = seq.timeline
         cached = seq.cached
+        prompt_side = seq.parent if seq.parent is not None else seq  # who looked the prompt up
+        hit = prompt_side.hit
         by_tier: dict[str, int] = {}
-        if seq.hit is not None:
-            for i, tier in enumerate(seq.hit.tiers):
+        if hit is not None:
+            for i, tier in enumerate(hit.tiers):
                 tokens = min(self.block_size, cached - i * self.block_size)
                 if tokens > 0:
                     by_tier[tier] = by_tier.get(tier, 0) + tokens
@@ -711,8 +766,8 @@ class Engine:
             prefill_s=max(ttft_end - restored, 0.0),
             prefill_steps=seq.prefill_steps,
             decode_s=now - ttft_end,
-            miss_reason=seq.hit.miss_reason if seq.hit is not None else "cache_disabled",
-            miss_block=seq.hit.miss_block if seq.hit is not None else None,
+            miss_reason=hit.miss_reason if hit is not None else "cache_disabled",
+            miss_block=hit.miss_block if hit is not None else None,
         )
 
 

@@ -13,6 +13,7 @@ restored there.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 
@@ -99,6 +100,26 @@ class RequestKV:
                     self._values[layer][:, at : at + take].copy_(block.values[layer][:, :take])
             at += take
         self.length = n_tokens
+
+    def fork(self) -> RequestKV:
+        """A copy with the same capacity holding this K/V's ``length`` tokens (another choice of
+        the same prompt: it grows on its own from here)."""
+        twin = RequestKV.__new__(RequestKV)
+        twin.capacity, twin.length, twin.nbytes = self.capacity, self.length, self.nbytes
+        twin._stacked = None
+        if self._stacked is not None:
+            twin._stacked = torch.empty_like(self._stacked)
+            twin._stacked[:, :, :, : self.length].copy_(self._stacked[:, :, :, : self.length])
+            twin._keys = [twin._stacked[i, 0] for i in range(len(self._keys))]
+            twin._values = [twin._stacked[i, 1] for i in range(len(self._values))]
+        else:
+            twin._keys, twin._values = [], []
+            for mine, theirs in ((self._keys, twin._keys), (self._values, twin._values)):
+                for tensor in mine:
+                    copy = torch.empty_like(tensor)
+                    copy[:, : self.length].copy_(tensor[:, : self.length])
+                    theirs.append(copy)
+        return twin
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, at: int) -> None:
         """Write one layer's K/V (``[kv_heads, n, dim]``) of tokens ``at .. at + n - 1``."""
@@ -279,6 +300,13 @@ class CacheKV:
     def restore(self, blocks: Sequence[BlockKV], n_tokens: int, device: torch.device) -> None:
         self.cache = build_cache(self.config, blocks, n_tokens, device)
         self.length = n_tokens
+
+    def fork(self) -> CacheKV:
+        """An independent copy (every layer's tensors, recurrent states included)."""
+        twin = CacheKV(self.config)
+        twin.cache = copy.deepcopy(self.cache)
+        twin.length = self.length
+        return twin
 
     def slice_blocks(self, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
         # Raises CacheLayoutError for tokens a layer no longer holds (never for a cacheable model).

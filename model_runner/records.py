@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
-from model_runner.sampling import SamplingParams
+import torch
+
+from model_runner.sampling import SamplingParams, TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -19,15 +21,44 @@ class InvalidTokens(ValueError):
     """A prompt token id outside the model's vocabulary."""
 
 
+class TokenConstraint(Protocol):
+    """One choice's grammar state (constrained decoding): which tokens may come next."""
+
+    def mask_logits(self, logits: torch.Tensor) -> None:
+        """Set the logits (``[vocab]`` float32, in place) of every forbidden token to -inf."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance past a sampled token (raises when it was forbidden)."""
+
+    @property
+    def done(self) -> bool:
+        """The output is complete: nothing but the end may follow."""
+
+
+class Constraint(Protocol):
+    """A compiled grammar; each choice of a request gets its own ``matcher()``."""
+
+    def matcher(self) -> TokenConstraint: ...
+
+
+MAX_CHOICES = 16
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One completion: token ids of the rendered prompt, how to sample, and the cache partition
-    (``tenant`` and the request's optional ``cache_salt``, both part of the namespace)."""
+    (``tenant`` and the request's optional ``cache_salt``, both part of the namespace).
+
+    ``n`` choices share one lookup, restore and prefill; the K/V is then forked per choice, and
+    choice i samples with ``sampling.choice_seed(i)``. ``constraint`` (a compiled grammar) masks
+    every sampled token of every choice; without one, sampling pays nothing for it."""
 
     prompt_ids: Sequence[int]
     sampling: SamplingParams
     tenant: str = "default"
     cache_salt: str = ""
+    n: int = 1
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         ids = tuple(int(t) for t in self.prompt_ids)
@@ -35,6 +66,8 @@ class GenerationRequest:
             raise ValueError("the prompt must hold at least one token")
         if min(ids) < 0:
             raise ValueError("token ids must not be negative")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {self.n}")
         object.__setattr__(self, "prompt_ids", ids)
 
 
@@ -45,6 +78,10 @@ class TextDelta:
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token of ``token_ids`` when the request asked for logprobs."""
+    index: int = 0
+    """The choice (``n`` > 1) this text belongs to."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +116,12 @@ class UsageReport:
 
 @dataclass(frozen=True)
 class Finished:
-    """The last event of every stream."""
+    """The last event of every choice's stream (a request with ``n`` choices ends after ``n`` of
+    them; each reports the prompt side and its own completion tokens)."""
 
     finish_reason: FinishReason
     usage: UsageReport
+    index: int = 0
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def adopt(self, seq: Sequence) -> None:
+        """A choice forked from a running request joins the batch, decoding; its K/V share was
+        reserved when that request was admitted."""
+        self.running.append(seq)
+
     def remove(self, seq: Sequence) -> list[Sequence]:
         """Take ``seq`` out (finished, cancelled or failed); returns the requests that waited on
         its blocks and must look their prefix up again."""
@@ -126,14 +131,15 @@ class Scheduler:
         cfg = self.config
         budget = cfg.max_batch_tokens if cfg.max_batch_tokens is not None else 1 << 62
         runs: list[Planned] = []
-        # 1. one token for every decoding request: a stream never stalls behind a prefill.
+        # 1. one token for every decoding request: a stream never stalls behind a prefill. (More
+        # running than max_batch only when one request's n choices exceed it: they take turns.)
         for seq in self.running:
-            if seq.phase == "decode" and budget > 0:
+            if seq.phase == "decode" and budget > 0 and len(runs) < cfg.max_batch:
                 runs.append(Planned(seq, 1))
                 budget -= 1
         # 2. chunks for the admitted requests still prefilling, oldest first.
         for seq in self.running:
-            if seq.phase == "prefill" and budget > 0:
+            if seq.phase == "prefill" and budget > 0 and len(runs) < cfg.max_batch:
                 n = min(seq.prefill_left, budget)
                 runs.append(Planned(seq, n))
                 budget -= n
@@ -144,8 +150,9 @@ class Scheduler:
             self._wait_for_producer(seq)
         admitted: list[Sequence] = []
         self._waiting_for_kv = False
+        occupied = sum(s.slots for s in self.running)
         for seq in list(self.waiting):
-            if len(self.running) >= cfg.max_batch:
+            if self.running and occupied + seq.slots > cfg.max_batch:
                 break
             # Again here: a request admitted earlier in this loop may be computing its blocks.
             if seq.phase != "waiting" or self._wait_for_producer(seq):
@@ -159,6 +166,7 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self.running.append(seq)
+            occupied += seq.slots
             self.kv_used += seq.reserve_bytes
             self._register_inflight(seq)
             admitted.append(seq)

@@ -25,7 +25,14 @@ from cache_store.prefix_cache import PrefixHit
 from model_runner.detokenize import IncrementalDetokenizer, StopMatcher
 from model_runner.kv import CacheKV, RequestKV
 from model_runner.records import Failed, Finished, FinishReason, GenerationRequest, TextDelta, WarmupResult
-from model_runner.sampling import make_generator, sample_next
+from model_runner.sampling import (
+    TokenLogprob,
+    apply_logit_bias,
+    apply_penalties,
+    make_generator,
+    sample_next,
+    token_logprob,
+)
 
 Phase = Literal["lookup", "waiting", "prefill", "decode", "done"]
 Event = TextDelta | Finished | Failed | WarmupResult
@@ -75,7 +82,19 @@ class Sequence:
     relookups: int = 0
     """Lookups redone because blocks it missed were cached meanwhile."""
     timeline: Timeline = field(default_factory=Timeline)
+    choice: int = 0
+    """Which of the request's ``n`` choices this sequence generates."""
+    parent: Sequence | None = None
+    """For choices 1.. of an ``n`` > 1 request: the sequence that prefilled the prompt (it holds
+    the prefix pins and reports the prompt side)."""
+    forked: bool = False
+    """The prompt's K/V has been forked into the other choices (or there are none)."""
     _stream: TokenStream | None = None
+
+    @property
+    def slots(self) -> int:
+        """Batch places this sequence will take: all its choices until they are forked."""
+        return 1 if self.forked or self.parent is not None else self.request.n
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -117,41 +136,79 @@ class TokenStream:
     """Sampling, detokenizing and stop strings of one sequence; emits its ``TextDelta``s."""
 
     def __init__(self, seq: Sequence, tokenizer: Any, eos: frozenset[int], device: torch.device) -> None:
-        params = seq.request.sampling
+        request = seq.request
+        params = request.sampling
         self._seq = seq
         self._params = params
         self._eos = eos
-        self._generator = make_generator(params.seed, device)
+        self._generator = make_generator(params.choice_seed(seq.choice), device)
         self._detok = IncrementalDetokenizer(tokenizer, seq.prompt)
         self._stopper = StopMatcher(params.stop)
+        self._matcher = request.constraint.matcher() if request.constraint is not None else None
+        self._counts: torch.Tensor | None = None
+        """Occurrences of each token in the completion (only when a penalty is set)."""
         self._unsent: list[int] = []
+        self._unsent_logprobs: list[TokenLogprob] = []
         self._tail = ""
         self.finish: FinishReason | None = None
 
     def accept(self, logits: torch.Tensor) -> bool:
-        """Sample from ``logits`` ([vocab]) and emit the new text; True when the sequence is done
-        (``finish`` says why)."""
-        token = sample_next(logits, self._params, self._generator)
+        """Sample from ``logits`` ([vocab], the model's row; never modified: choices of one prompt
+        share it) and emit the new text; True when the sequence is done (``finish`` says why)."""
+        params = self._params
         seq = self._seq
+        shaped = self._shape(logits)
+        token = sample_next(shaped, params, self._generator)
+        if self._matcher is not None:
+            self._matcher.accept(token)
         if seq.timeline.first_token is None:
             seq.timeline.first_token = time.perf_counter()
         seq.generated.append(token)
+        if self._counts is not None:
+            self._counts[token] += 1
         if token in self._eos:
             self.finish = "stop"
             return True
         self._unsent.append(token)
+        if params.logprobs:
+            self._unsent_logprobs.append(token_logprob(logits, token, params.top_logprobs))
         text = self._stopper.push(self._detok.push(token))
         if self._stopper.stopped:
             self._tail = text  # what came before the stop string
             self.finish = "stop"
             return True
         if text:
-            seq.emit(TextDelta(text, tuple(self._unsent)))
-            self._unsent = []
-        if len(seq.generated) >= self._params.max_tokens:
+            self._send(text)
+        if self._matcher is not None and self._matcher.done:
+            self.finish = "stop"  # the grammar is complete: only the end could follow
+            return True
+        if len(seq.generated) >= params.max_tokens:
             self.finish = "length"
             return True
         return False
+
+    def _shape(self, logits: torch.Tensor) -> torch.Tensor:
+        """The row to sample from: bias, penalties and the grammar mask applied to a copy."""
+        params = self._params
+        if not (params.logit_bias or params.penalized or self._matcher is not None):
+            return logits
+        shaped = logits.float().clone()
+        if params.logit_bias:
+            apply_logit_bias(shaped, params.logit_bias)
+        if params.penalized:
+            if self._counts is None:
+                self._counts = torch.zeros(shaped.shape[-1], dtype=torch.float32, device=shaped.device)
+            apply_penalties(shaped, self._counts, params.frequency_penalty, params.presence_penalty)
+        if self._matcher is not None:
+            self._matcher.mask_logits(shaped)
+        return shaped
+
+    def _send(self, text: str) -> None:
+        self._seq.emit(
+            TextDelta(text, tuple(self._unsent), tuple(self._unsent_logprobs), index=self._seq.choice)
+        )
+        self._unsent = []
+        self._unsent_logprobs = []
 
     def close(self) -> None:
         """Emit what was held back (a split character, a possible stop string that never came)."""
@@ -160,5 +217,4 @@ class TokenStream:
         else:
             tail = self._stopper.push(self._detok.flush()) + self._stopper.flush()
         if tail or self._unsent:
-            self._seq.emit(TextDelta(tail, tuple(self._unsent)))
-            self._unsent = []
+            self._send(tail)
