@@ -95,3 +95,45 @@ class StopMatcher:
                     longest = size
                     break
         return longest
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode table (byte-level BPE vocabularies spell bytes so)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenPieces:
+    """Each token's own text and bytes (for logprobs: a token can hold part of a character, so
+    the bytes are the exact answer and the text is its UTF-8 decoding with U+FFFD for a part)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, bytes]] = {}
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._bytes_of = _byte_decoder() if self._byte_level else {}
+
+    def piece(self, token_id: int) -> tuple[str, bytes]:
+        cached = self._cache.get(token_id)
+        if cached is not None:
+            return cached
+        raw: bytes | None = None
+        if self._byte_level:
+            spelled = self._tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(spelled, str) and all(ch in self._bytes_of for ch in spelled):
+                raw = bytes(self._bytes_of[ch] for ch in spelled)
+        if raw is None:  # added/special tokens, SentencePiece and other vocabularies
+            raw = self._tokenizer.decode([token_id], clean_up_tokenization_spaces=False).encode("utf-8")
+        result = (raw.decode("utf-8", errors="replace"), raw)
+        if len(self._cache) < 1 << 20:
+            self._cache[token_id] = result
+        return result

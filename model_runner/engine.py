@@ -30,6 +30,7 @@ from cache_store.hashing import block_hashes, namespace_hash
 from cache_store.prefix_cache import PrefixCache, PrefixHit
 from model_runner import capability
 from model_runner.batch import Run
+from model_runner.chat_template import ChatTemplate
 from model_runner.engine_config import EngineConfig
 from model_runner.forward import PackedForward, SerialForward, StepForward, packed_reason, probe_layer_shapes
 from model_runner.loading import LoadedModel
@@ -52,12 +53,6 @@ from model_runner.sequence import Sequence as Seq
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-"""For tokenizers that ship no chat template (base models)."""
 
 _IDLE_WAIT_S = 0.05
 """How often an idle loop with requests in it looks at their cancel flags."""
@@ -143,6 +138,8 @@ class Engine:
         if cache is not None and not loaded.cacheable:
             log.warning("serving %s without prefix caching: %s", loaded.model_id, loaded.cache_reason)
         self._eos = _eos_ids(loaded)
+        self.chat = ChatTemplate(self._tokenizer)
+        """The model's chat template (rendering, tools, tool-call syntax)."""
         self._vocab_size = int(self._model.get_input_embeddings().num_embeddings)
         self._observer = observer
         self._logits_hook = logits_hook
@@ -212,6 +209,15 @@ class Engine:
         return self._cache
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's logits (may exceed the tokenizer's vocabulary)."""
+        return self._vocab_size
+
+    @property
     def batched(self) -> bool:
         return self.batching_reason is None
 
@@ -236,14 +242,10 @@ class Engine:
 
     # -- tokenization --------------------------------------------------------------------------
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Render ``messages`` with the chat template (plus the assistant turn opener), tokenize."""
-        template = getattr(self._tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-        text = self._tokenizer.apply_chat_template(
-            list(messages), chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-        # The rendered template already holds its special tokens (BOS included where it wants one).
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Render ``messages`` (no tools) with the chat template plus the assistant turn opener,
+        and tokenize (``chat`` renders with tools, for the chat route)."""
+        return self.chat.encode(self.chat.normalize_messages(list(messages)))
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a plain completion prompt (with the tokenizer's BOS when it adds one)."""

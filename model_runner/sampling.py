@@ -45,6 +45,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text (off when the output parser needs their markers,
+    e.g. Mistral's ``[TOOL_CALLS]``)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -142,7 +142,9 @@ class TokenStream:
         self._params = params
         self._eos = eos
         self._generator = make_generator(params.choice_seed(seq.choice), device)
-        self._detok = IncrementalDetokenizer(tokenizer, seq.prompt)
+        self._detok = IncrementalDetokenizer(
+            tokenizer, seq.prompt, skip_special_tokens=params.skip_special_tokens
+        )
         self._stopper = StopMatcher(params.stop)
         self._matcher = request.constraint.matcher() if request.constraint is not None else None
         self._counts: torch.Tensor | None = None

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from proxy.chat_plan import template_messages
 from proxy.cli_client import CliError, admin_request
 from proxy.schemas import WarmupItem
 
@@ -163,9 +164,7 @@ def offline(items: list[SourcedItem], args: argparse.Namespace, console: Console
             for sourced in items:
                 item = sourced.item
                 if item.messages is not None:
-                    ids = runtime.engine.encode_chat(
-                        [{"role": m.role, "content": m.text()} for m in item.messages]
-                    )
+                    ids = runtime.engine.encode_chat(template_messages(item.messages, runtime.engine.chat))
                 else:
                     ids = runtime.engine.encode_prompt(item.prompt or "")
                 if len(ids) >= runtime.max_context:

@@ -8,32 +8,66 @@ counted here, in the metrics and the request log, whichever route it came from.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from model_runner.detokenize import TokenPieces
 from model_runner.engine import Engine
+from model_runner.grammar import GrammarCompiler
+from model_runner.records import (
+    Constraint,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    InvalidTokens,
+    TextDelta,
+)
 from model_runner.records import ContextLengthExceeded as EngineContextLengthExceeded
-from model_runner.records import Finished, GenerationRequest, TextDelta
-from model_runner.sampling import SamplingParams
+from model_runner.response_parsing import parser_spec_for
+from model_runner.sampling import SamplingParams, TokenLogprob
 from proxy.batch_stats import BatchMonitor
-from proxy.errors import ContextLengthExceeded, ServiceUnavailable
+from proxy.chat_output import ChoiceOutput
+from proxy.chat_plan import ChatPlan, ChatPlanner
+from proxy.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from proxy.history_warming import HistoryWarmer
+from proxy.logprobs import LogprobFormatter
 from proxy.metrics import Metrics
 from proxy.request_log import RequestLog, RequestRecord, classify
-from proxy.schemas import ChatMessage, KvproxyUsage, PromptTokensDetails, SamplingRequest, Usage
+from proxy.responses import KvproxyUsage, PromptTokensDetails, Usage
+from proxy.schemas import ChatCompletionRequest, SamplingRequest
 from proxy.worker import EngineClosed, JobStream, QueueFull, open_stream
 
 _DISCONNECT_POLL_S = 0.25
 
 
+@dataclass
+class ChoiceResult:
+    """One choice of a finished generation."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason = "stop"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """A finished generation: the text (when collected), why it stopped, the usage."""
+    """A finished generation: every choice (by index) and the request's usage."""
 
-    text: str
-    finish_reason: str
+    choices: list[ChoiceResult]
     usage: Usage
+
+
+def merge_finished(finishes: Sequence[Finished]) -> Finished:
+    """One request's figures from its choices' ``Finished`` events: the prompt side once (every
+    choice reports the same), the completion tokens of all choices."""
+    first = min(finishes, key=lambda f: f.index)
+    completion = sum(f.usage.completion_tokens for f in finishes)
+    return Finished(first.finish_reason, dataclasses.replace(first.usage, completion_tokens=completion))
 
 
 def usage_from(finished: Finished) -> Usage:
@@ -87,16 +121,41 @@ class GenerationService:
         self.max_context = max_context
         self._default_max_tokens = default_max_tokens
         self._block_size = block_size
+        tokenizer = engine.loaded.tokenizer
+        self.planner = ChatPlanner(
+            engine.chat,
+            GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids),
+            parser_spec_for(tokenizer),
+        )
+        self.logprobs = LogprobFormatter(TokenPieces(tokenizer))
+        self.history = HistoryWarmer()
+        """Prefills a tool loop's next round while the client runs the tool."""
 
-    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        plain = [{"role": m.role, "content": m.text()} for m in messages]
-        return await asyncio.to_thread(self.engine.encode_chat, plain)
+    async def plan_chat(self, body: ChatCompletionRequest) -> ChatPlan:
+        """Render the prompt (tools included) and build its constraint, off the event loop."""
+        return await asyncio.to_thread(self.planner.plan, body)
+
+    def chat_outputs(self, plan: ChatPlan, body: ChatCompletionRequest) -> list[ChoiceOutput]:
+        """One output assembler per choice (parser state, logprobs)."""
+        formatter = self.logprobs if body.logprobs else None
+        rng = random.Random(body.seed) if body.seed is not None else random.Random()
+        return [ChoiceOutput(i, plan, self.planner.parser(plan, rng), formatter) for i in range(body.n)]
+
+    async def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Render template messages (``proxy.chat_plan.template_messages``) without tools."""
+        return await asyncio.to_thread(self.engine.encode_chat, list(messages))
 
     async def encode_prompt(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.engine.encode_prompt, text)
 
     def build_request(
-        self, prompt_ids: list[int], body: SamplingRequest, *, tenant: str
+        self,
+        prompt_ids: list[int],
+        body: SamplingRequest,
+        *,
+        tenant: str,
+        constraint: Constraint | None = None,
+        keep_special_tokens: bool = False,
     ) -> GenerationRequest:
         """Check the context budget and turn the body into an engine request."""
         n_prompt = len(prompt_ids)
@@ -117,6 +176,7 @@ class GenerationService:
                 f"{max(max_tokens, 1)} for the completion). Shorten the prompt or lower max_tokens.",
                 param=param,
             )
+        logprobs, top_logprobs = body.logprobs_wanted()
         sampling = SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -124,9 +184,20 @@ class GenerationService:
             top_k=body.top_k,
             seed=body.seed,
             stop=body.stop_sequences(),
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=body.logit_bias_pairs(),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            skip_special_tokens=not keep_special_tokens,
         )
         return GenerationRequest(
-            prompt_ids=prompt_ids, sampling=sampling, tenant=tenant, cache_salt=body.cache_salt or ""
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            tenant=tenant,
+            cache_salt=body.cache_salt or "",
+            n=body.n,
+            constraint=constraint,
         )
 
     def batch_figures(self) -> dict[str, Any]:
@@ -142,6 +213,8 @@ class GenerationService:
             raise overloaded(exc) from None
         except EngineContextLengthExceeded as exc:
             raise ContextLengthExceeded(str(exc), param="max_tokens") from None
+        except InvalidTokens as exc:
+            raise InvalidRequest(str(exc), param="logit_bias") from None
 
     async def run(
         self,
@@ -151,18 +224,28 @@ class GenerationService:
         tenant: str,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
-        """Generate to the end and collect the text. ``disconnected`` (``Request.is_disconnected``)
-        is polled meanwhile: nobody will read a long answer whose client has gone."""
-        parts: list[str] = []
+        """Generate every choice to its end and collect the text. ``disconnected``
+        (``Request.is_disconnected``) is polled meanwhile: nobody will read a long answer whose
+        client has gone."""
+        choices = [ChoiceResult(i) for i in range(request.n)]
+        parts: list[list[str]] = [[] for _ in range(request.n)]
+        finishes: list[Finished] = []
         stream = self.start(request)
         watcher = asyncio.create_task(_cancel_on_disconnect(stream, disconnected)) if disconnected else None
         try:
             async for event in stream:
                 if isinstance(event, TextDelta):
-                    parts.append(event.text)
+                    parts[event.index].append(event.text)
+                    choices[event.index].logprobs.extend(event.logprobs)
                 elif isinstance(event, Finished):
-                    usage = self.record(event, route=route, tenant=tenant)
-                    return Outcome("".join(parts), event.finish_reason, usage)
+                    finishes.append(event)
+                    choices[event.index].finish_reason = event.finish_reason
+                    if len(finishes) < request.n:
+                        continue
+                    for choice, texts in zip(choices, parts, strict=True):
+                        choice.text = "".join(texts)
+                    usage = self.record(finishes, route=route, tenant=tenant)
+                    return Outcome(choices, usage)
         except EngineClosed as exc:
             raise overloaded(exc) from None
         finally:
@@ -171,8 +254,10 @@ class GenerationService:
                 watcher.cancel()
         raise ServiceUnavailable("Generation stopped before it finished.", code="generation_aborted")
 
-    def record(self, finished: Finished, *, route: str, tenant: str) -> Usage:
-        """Count a finished generation in the metrics and the request log; returns its usage."""
+    def record(self, finishes: Sequence[Finished], *, route: str, tenant: str) -> Usage:
+        """Count a finished generation (all its choices) in the metrics and the request log;
+        returns its usage."""
+        finished = merge_finished(finishes)
         report = finished.usage
         cache = classify(report.prompt_tokens, report.cached_tokens, self._block_size, report.miss_reason)
         self._metrics.observe_generation(

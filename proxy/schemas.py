@@ -1,21 +1,30 @@
-"""OpenAI request and response models (chat + completions) with kvproxy's extensions.
+"""OpenAI request models (chat + completions) with kvproxy's extensions.
 
-Requests ignore unknown fields (clients send many we have no use for) but validate every field we
-act on, and refuse the OpenAI fields that would change the answer and are not implemented.
-Responses carry the standard ``usage`` plus a ``kvproxy`` object that standard clients ignore.
+Requests ignore unknown fields when they cannot change the answer (``user``, ``metadata``,
+``store``, ``service_tier``, ``prompt_cache_key``...), validate every field we act on, and refuse
+with a 400 naming it any field that would change the answer and is not implemented (never a
+silent drop). Response models are in ``proxy.responses``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model_runner.records import MAX_CHOICES
+from model_runner.sampling import MAX_TOP_LOGPROBS
 from proxy.errors import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300
+MAX_COMPLETION_LOGPROBS = 5
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def _utf8_clean(value: str) -> str:
@@ -30,6 +39,21 @@ def _utf8_clean(value: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8_clean)]
 
 
+def _unsupported(name: str, why: str = "is not supported by this server") -> InvalidRequest:
+    return InvalidRequest(
+        f"'{name}' {why}; remove it or send its default.", param=name, code="unsupported_parameter"
+    )
+
+
+def _refuse(
+    data: Any, table: Mapping[str, tuple[Any, ...]], why: str = "is not supported by this server"
+) -> None:
+    if isinstance(data, dict):
+        for name, harmless in table.items():
+            if name in data and data[name] not in harmless:
+                raise _unsupported(name, why)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -38,15 +62,75 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# ---- messages --------------------------------------------------------------------------------
+
+
 class TextPart(_Request):
     type: Literal["text"]
     text: Text
 
 
+_PART_TYPES = ("text",)
+
+
+def _refuse_non_text_parts(data: Any) -> None:
+    """Images, audio and files in ``content`` would change the answer: a 400 naming the part."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind not in _PART_TYPES:
+                raise InvalidRequest(
+                    f"Content parts of type '{kind[:40]}' are not supported by this server; send text parts.",
+                    param=f"messages[{i}].content[{j}].type",
+                    code="unsupported_parameter",
+                )
+
+
+class FunctionCallIn(_Request):
+    name: Text = Field(min_length=1, max_length=64)
+    arguments: Text = "{}"
+    """A JSON object, as a string (OpenAI's shape); a mapping is accepted too."""
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _mapping_to_json(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return json.dumps(value, ensure_ascii=False)
+        return value
+
+
+class ToolCallIn(_Request):
+    id: Text = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Annotated[Text | list[TextPart] | None, Field(default=None)] = None
+    name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Text | None = Field(default=None, max_length=256)
+    function_call: FunctionCallIn | None = None
+    """Legacy: an assistant's one function call (mapped onto ``tool_calls``)."""
+    reasoning_content: Text | None = None
+    """An assistant turn's thinking, as this server returned it (rendered when the template does)."""
+
+    @model_validator(mode="after")
+    def _roles(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
+        if self.role == "function" and not self.name:
+            raise ValueError("a 'function' message needs the function's 'name'")
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -55,30 +139,82 @@ class ChatMessage(_Request):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def has_payload(self) -> bool:
+        return bool(self.text() or self.tool_calls or self.function_call)
 
-_NOT_IMPLEMENTED: Mapping[str, tuple[Any, ...]] = MappingProxyType(
-    {
-        # field -> the values that leave the answer as it is (accepted: clients send them)
-        "tools": (None, []),
-        "tool_choice": (None, "none", "auto"),
-        "functions": (None, []),
-        "function_call": (None, "none", "auto"),
-        "response_format": (None, {"type": "text"}),
-        "logprobs": (None, False),
-        "top_logprobs": (None, 0),
-        "logit_bias": (None, {}),
-        "frequency_penalty": (None, 0, 0.0),
-        "presence_penalty": (None, 0, 0.0),
-        "best_of": (None, 1),
-        "echo": (None, False),
-        "suffix": (None, ""),
-        "prediction": (None,),
-        "audio": (None,),
-        "modalities": (None, ["text"]),
-    }
-)
-"""OpenAI fields that would change the answer and are not implemented: a 400 naming the field
-(never silently dropped), unless the value is one that changes nothing."""
+
+# ---- tools and structured output -------------------------------------------------------------
+
+
+def _json_schema_object(value: Any) -> Any:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError("must be a JSON schema object")
+    return value
+
+
+class FunctionDef(_Request):
+    name: str
+    description: Text | None = None
+    parameters: Annotated[dict[str, Any] | None, AfterValidator(_json_schema_object)] = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _TOOL_NAME.match(value):
+            raise ValueError("must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'")
+        return value
+
+
+class ToolDef(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(default="response", min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
+# ---- the sampling fields both routes share ---------------------------------------------------
+
+
+def _logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise ValueError(f"keys are token ids; got '{key[:20]}'")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError("values must be in [-100, 100]")
+    return value
 
 
 class SamplingRequest(_Request):
@@ -92,35 +228,20 @@ class SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None
     cache_salt: Text | None = Field(default=None, max_length=1024)
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _refuse_not_implemented(cls, data: Any, handler: Any) -> Any:
-        if isinstance(data, dict):
-            for name, harmless in _NOT_IMPLEMENTED.items():
-                if name in data and data[name] not in harmless:
-                    raise InvalidRequest(
-                        f"'{name}' is not supported by this server yet; remove it or send its default.",
-                        param=name,
-                        code="unsupported_parameter",
-                    )
-        return handler(data)
-
-    @field_validator("temperature", "top_p", "top_k", "n", "stream", mode="before")
+    @field_validator(
+        "temperature", "top_p", "top_k", "n", "stream", "frequency_penalty", "presence_penalty", mode="before"
+    )
     @classmethod
     def _null_is_default(cls, value: Any, info: Any) -> Any:
         # Clients often send explicit nulls for "use the default".
         if value is None:
             return cls.model_fields[info.field_name].default
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
         return value
 
     @field_validator("stop")
@@ -140,30 +261,111 @@ class SamplingRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
+    def logprobs_wanted(self) -> tuple[bool, int]:
+        """(report logprobs, how many alternatives per token)."""
+        return False, 0
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+_CHAT_NOT_IMPLEMENTED: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {
+        # field -> the values that leave the answer as it is (accepted: clients send them)
+        "prediction": (None,),
+        "audio": (None,),
+        "modalities": (None, ["text"]),
+        "web_search_options": (None,),
+    }
+)
+"""Chat fields that would change the answer and are not implemented: a 400 naming the field."""
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[ToolDef] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = Field(default=None, max_length=MAX_TOOLS)
+    """Legacy spelling of ``tools`` (mapped onto them)."""
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    """Legacy spelling of ``tool_choice``."""
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    reasoning_effort: str | None = Field(default=None, max_length=32)
+    """Handed to the chat template when it reads ``reasoning_effort``; otherwise it changes nothing."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_not_implemented(cls, data: Any, handler: Any) -> Any:
+        _refuse(data, _CHAT_NOT_IMPLEMENTED)
+        _refuse_non_text_parts(data)
+        return handler(data)
 
     @field_validator("messages")
     @classmethod
     def _some_content(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if all(not m.text() for m in value):
+        if all(not m.has_payload() for m in value):
             raise ValueError("every message is empty")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.tools and self.functions:
+            raise InvalidRequest("Send 'tools' or the legacy 'functions', not both.", param="functions")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        names = [t.function.name for t in self.tools or []] + [f.name for f in self.functions or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("Tool names must be unique.", param="tools" if self.tools else "functions")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is the newer name; when both are sent the tighter one wins.
         values = [v for v in (self.max_tokens, self.max_completion_tokens) if v is not None]
         return min(values) if values else None
 
+    def logprobs_wanted(self) -> tuple[bool, int]:
+        return bool(self.logprobs), int(self.top_logprobs or 0) if self.logprobs else 0
+
+
+_COMPLETIONS_NOT_IMPLEMENTED: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {
+        "best_of": (None, 1),
+        "echo": (None, False),
+        "suffix": (None, ""),
+    }
+)
+_NOT_COMPLETIONS_FIELDS: Mapping[str, tuple[Any, ...]] = MappingProxyType(
+    {
+        "tools": (None, []),
+        "tool_choice": (None, "none", "auto"),
+        "functions": (None, []),
+        "function_call": (None, "none", "auto"),
+        "response_format": (None, {"type": "text"}),
+        "messages": (None,),
+    }
+)
+"""Chat fields sent to /v1/completions: refused rather than ignored (they would change the answer)."""
+
 
 class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    """Report the sampled token's logprob and this many alternatives (OpenAI: at most 5)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_not_implemented(cls, data: Any, handler: Any) -> Any:
+        _refuse(data, _COMPLETIONS_NOT_IMPLEMENTED)
+        _refuse(data, _NOT_COMPLETIONS_FIELDS, "is a /v1/chat/completions field")
+        return handler(data)
 
     @field_validator("prompt")
     @classmethod
@@ -177,6 +379,9 @@ class CompletionRequest(SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def logprobs_wanted(self) -> tuple[bool, int]:
+        return self.logprobs is not None, int(self.logprobs or 0)
 
 
 class WarmupItem(_Request):
@@ -196,112 +401,3 @@ class WarmupRequest(_Request):
     items: list[WarmupItem] = Field(min_length=1, max_length=10_000)
     tenant: str | None = Field(default=None, min_length=1, max_length=256)
     cache_salt: Text | None = Field(default=None, max_length=1024)
-
-
-# ---- responses -------------------------------------------------------------------------------
-
-
-class KvproxyUsage(BaseModel):
-    """What the cache did for this request (ignored by standard clients)."""
-
-    cached_by_tier: dict[str, int]
-    ttft_ms: float | None
-    miss_reason: str | None
-    miss_block: int | None
-    prefilled_tokens: int | None = None
-    lookup_ms: float | None = None
-    """Of ``ttft_ms``: hashing the blocks, reading the tiers, checking every record."""
-    queue_ms: float | None = None
-    """Of ``ttft_ms``: waiting to join the batch (after the lookup)."""
-    restore_ms: float | None = None
-    """Of ``ttft_ms``: loading the verified K/V into the request's buffers."""
-    prefill_ms: float | None = None
-    """Of ``ttft_ms``: the uncached suffix through the model (in one or more steps shared with
-    other requests), up to the first sampled token."""
-    prefill_steps: int | None = None
-    """How many forward steps the prefill took (more than one: it was chunked)."""
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-    kvproxy: KvproxyUsage | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "kvproxy"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

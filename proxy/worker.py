@@ -28,8 +28,10 @@ _END = object()
 class JobStream(Generic[T]):
     """The asyncio side of one request: iterate it for the events; ``cancel()`` stops it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, finishes: int = 1) -> None:
         self._loop = loop
+        self._finishes = finishes
+        """``Finished`` events that end the stream (one per choice)."""
         self._items: asyncio.Queue[Any] = asyncio.Queue()
         self._handle: Handle | None = None
         self._cancelled = False
@@ -58,13 +60,16 @@ class JobStream(Generic[T]):
             self._handle.cancel()
 
     async def __aiter__(self) -> AsyncIterator[T]:
+        finished = 0
         try:
             while True:
                 event = await self._items.get()
                 if isinstance(event, Failed):
                     raise event.error
                 yield event
-                if isinstance(event, Finished | WarmupResult):
+                if isinstance(event, Finished):
+                    finished += 1
+                if finished >= self._finishes or isinstance(event, WarmupResult):
                     return
         finally:
             # Normal end, error, or the consumer stopped early (disconnect): the request must stop.
@@ -74,7 +79,7 @@ class JobStream(Generic[T]):
 def open_stream(engine: Engine, request: GenerationRequest) -> JobStream[TextDelta | Finished]:
     """Submit ``request``; raises ``QueueFull`` / ``EngineClosed`` (and the engine's request
     errors) at once. The caller must ``cancel()`` the stream when it stops reading early."""
-    stream: JobStream[TextDelta | Finished] = JobStream(asyncio.get_running_loop())
+    stream: JobStream[TextDelta | Finished] = JobStream(asyncio.get_running_loop(), finishes=request.n)
     stream.attach(engine.submit(request, stream.deliver))
     return stream
 

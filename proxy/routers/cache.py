@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends
 
 from proxy.body import documented_body, json_body
+from proxy.chat_plan import template_messages
 from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
 from proxy.errors import InvalidRequest
 from proxy.generation import overloaded
@@ -91,7 +92,7 @@ async def warmup(
     totals = {"prompts": 0, "tokens": 0, "blocks_written": 0, "already_cached": 0}
     for index, item in enumerate(body.items):
         if item.messages is not None:
-            ids = await generation.encode_chat(item.messages)
+            ids = await generation.encode_chat(template_messages(item.messages, generation.engine.chat))
         else:
             ids = await generation.encode_prompt(item.prompt or "")
         if len(ids) >= generation.max_context:

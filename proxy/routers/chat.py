@@ -11,11 +11,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from model_runner.records import TextDelta
 from proxy.body import documented_body, json_body
 from proxy.deps import GenerationDep, PrincipalDep, ServicesDep
 from proxy.errors import ModelNotFound
-from proxy.schemas import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest
-from proxy.streaming import StreamMeta, stream_sse
+from proxy.responses import ChatChoice, ChatCompletion
+from proxy.schemas import ChatCompletionRequest
+from proxy.streaming import ChatEncoder, StreamMeta, stream_sse
 
 router = APIRouter()
 ROUTE = "/v1/chat/completions"
@@ -37,27 +39,49 @@ async def chat_completions(
     generation: GenerationDep,
 ) -> ChatCompletion | StreamingResponse:
     check_model(services, body.model)
-    prompt_ids = await generation.encode_chat(body.messages)
-    request = generation.build_request(prompt_ids, body, tenant=principal.tenant)
+    plan = await generation.plan_chat(body)
+    request = generation.build_request(
+        plan.prompt_ids,
+        body,
+        tenant=principal.tenant,
+        constraint=plan.constraint,
+        keep_special_tokens=plan.parse_tools,
+    )
+    outputs = generation.chat_outputs(plan, body)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         meta = StreamMeta(
-            "chat", completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant
+            completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant, body.n
         )
         stream = generation.start(request)
+
+        async def warm_next_round() -> None:
+            if outputs[0].finish_reason == "tool_calls":
+                await generation.history.start(generation, plan, body, outputs[0].message(), principal.tenant)
+
         return StreamingResponse(
-            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=dict(SSE_HEADERS)
+            stream_sse(generation, stream, meta, ChatEncoder(meta, outputs), on_done=warm_next_round),
+            media_type="text/event-stream",
+            headers=dict(SSE_HEADERS),
         )
     outcome = await generation.run(
         request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
     )
+    choices = []
+    for result, output in zip(outcome.choices, outputs, strict=True):
+        output.feed(TextDelta(result.text, (), tuple(result.logprobs), index=result.index))
+        output.finish(result.finish_reason)
+        choices.append(
+            ChatChoice(
+                index=result.index,
+                message=output.message(),
+                finish_reason=output.finish_reason,
+                logprobs=output.logprobs(),
+            )
+        )
+    if choices[0].finish_reason == "tool_calls":
+        await generation.history.start(generation, plan, body, choices[0].message, principal.tenant)
     return ChatCompletion(
-        id=completion_id,
-        created=created,
-        model=body.model,
-        choices=[
-            ChatChoice(message=AssistantMessage(content=outcome.text), finish_reason=outcome.finish_reason)
-        ],
-        usage=outcome.usage,
+        id=completion_id, created=created, model=body.model, choices=choices, usage=outcome.usage
     )

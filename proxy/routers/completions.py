@@ -11,9 +11,10 @@ from fastapi.responses import StreamingResponse
 
 from proxy.body import documented_body, json_body
 from proxy.deps import GenerationDep, PrincipalDep, ServicesDep
+from proxy.responses import Completion, CompletionChoice
 from proxy.routers.chat import SSE_HEADERS, check_model
-from proxy.schemas import Completion, CompletionChoice, CompletionRequest
-from proxy.streaming import StreamMeta, stream_sse
+from proxy.schemas import CompletionRequest
+from proxy.streaming import CompletionEncoder, StreamMeta, stream_sse
 
 router = APIRouter()
 ROUTE = "/v1/completions"
@@ -32,21 +33,30 @@ async def completions(
     request = generation.build_request(prompt_ids, body, tenant=principal.tenant)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    logprobs, top = body.logprobs_wanted()
+    formatter = generation.logprobs if logprobs else None
     if body.stream:
         meta = StreamMeta(
-            "completion", completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant
+            completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant, body.n
         )
         stream = generation.start(request)
         return StreamingResponse(
-            stream_sse(generation, stream, meta), media_type="text/event-stream", headers=dict(SSE_HEADERS)
+            stream_sse(generation, stream, meta, CompletionEncoder(meta, formatter, top > 0)),
+            media_type="text/event-stream",
+            headers=dict(SSE_HEADERS),
         )
     outcome = await generation.run(
         request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
     )
+    choices = [
+        CompletionChoice(
+            index=c.index,
+            text=c.text,
+            finish_reason=c.finish_reason,
+            logprobs=formatter.completion(c.logprobs, 0, top > 0) if formatter is not None else None,
+        )
+        for c in outcome.choices
+    ]
     return Completion(
-        id=completion_id,
-        created=created,
-        model=body.model,
-        choices=[CompletionChoice(text=outcome.text, finish_reason=outcome.finish_reason)],
-        usage=outcome.usage,
+        id=completion_id, created=created, model=body.model, choices=choices, usage=outcome.usage
     )

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from proxy.deps import PrincipalDep, ServicesDep
 from proxy.errors import ModelNotFound
-from proxy.schemas import ModelCard, ModelList
+from proxy.responses import ModelCard, ModelList
 
 router = APIRouter()
 

@@ -72,6 +72,17 @@ def session_server_factory(
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def module_server_factory(
+    tmp_path_factory: pytest.TempPathFactory, kvp_cache_dir: Path
+) -> Iterator[ServerFactory]:
+    """Servers shared by one test module, stopped afterwards."""
+    started: list[LiveServer] = []
+    yield _factory(tmp_path_factory.mktemp("servers"), kvp_cache_dir, started)
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path, kvp_cache_dir: Path) -> Iterator[ServerFactory]:
     """Servers for one test (stopped with SIGTERM afterwards)."""

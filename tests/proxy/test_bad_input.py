@@ -55,7 +55,7 @@ CASES: list[tuple[str, str, bytes, int, str | None, str | None]] = [
         ),
         400,
         "messages[0].content[0].type",
-        None,
+        "unsupported_parameter",
     ),
     ("model-not-string", CHAT, _raw({**chat_body(SECRET), "model": 123}), 400, "model", None),
     ("temperature-string", CHAT, _raw(chat_body(SECRET, temperature="hot")), 400, "temperature", None),
@@ -63,7 +63,8 @@ CASES: list[tuple[str, str, bytes, int, str | None, str | None]] = [
     ("top-p-zero", CHAT, _raw(chat_body(SECRET, top_p=0)), 400, "top_p", None),
     ("stop-wrong-type", CHAT, _raw(chat_body(SECRET, stop=7)), 400, "stop", None),
     ("seed-huge", CHAT, _raw(chat_body(SECRET, seed=2**70)), 400, "seed", None),
-    ("n-two", CHAT, _raw(chat_body(SECRET, n=2)), 400, "n", None),
+    ("n-too-many", CHAT, _raw(chat_body(SECRET, n=17)), 400, "n", None),
+    ("n-zero", CHAT, _raw(chat_body(SECRET, n=0)), 400, "n", None),
     ("stream-not-bool", CHAT, _raw(chat_body(SECRET, stream="yes please")), 400, "stream", None),
     ("max-tokens-negative", CHAT, _raw(chat_body(SECRET, max_tokens=-1)), 400, "max_tokens", None),
     ("max-tokens-zero", CHAT, _raw(chat_body(SECRET, max_tokens=0)), 400, "max_tokens", None),
@@ -121,13 +122,11 @@ CASES: list[tuple[str, str, bytes, int, str | None, str | None]] = [
     *[
         (f"unsupported-{field}", path, _raw({**body, field: value}), 400, field, "unsupported_parameter")
         for field, value in (
+            # the demo's chat template has no tool support
             ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-            ("tool_choice", "required"),
-            ("response_format", {"type": "json_object"}),
-            ("logprobs", True),
-            ("logit_bias", {"5": 10}),
-            ("frequency_penalty", 0.5),
-            ("presence_penalty", 1.0),
+            ("audio", {"voice": "alloy", "format": "wav"}),
+            ("modalities", ["text", "audio"]),
+            ("prediction", {"type": "content", "content": "x"}),
         )
         for path, body in ((CHAT, chat_body(SECRET)),)
     ],

@@ -162,13 +162,16 @@ def init_weights(model: torch.nn.Module, *, seed: int, std: float = 0.08, head_s
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def build_tiny_model(kind: str, dest: Path, *, seed: int = 0) -> Path:
-    """Build the tiny model ``kind`` (a key of ``TINY_MODELS``) into ``dest`` and return it."""
+def build_tiny_model(kind: str, dest: Path, *, seed: int = 0, max_positions: int | None = None) -> Path:
+    """Build the tiny model ``kind`` (a key of ``TINY_MODELS``) into ``dest`` and return it;
+    ``max_positions`` widens the context (tool schemas cost the tiny tokenizer many tokens)."""
     if kind not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {kind!r}; choose from {sorted(TINY_MODELS)}")
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bpe_tokenizer(tiny_corpus(), VOCAB)
     config = TINY_MODELS[kind](len(tokenizer))
+    if max_positions is not None:
+        config.max_position_embeddings = max_positions
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     init_weights(model, seed=seed)
