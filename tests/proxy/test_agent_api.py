@@ -64,6 +64,9 @@ SEARCH = {
     "function": {"name": "search", "description": "Search.", "parameters": SEARCH_SCHEMA},
 }
 SCHEMAS = {"get_weather": WEATHER_SCHEMA, "search": SEARCH_SCHEMA}
+THINKING_CHATML = PLAIN_CHATML.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+"""ChatML whose generation prompt opens a thinking block (as DeepSeek-R1's template does): the
+reply is reasoning until the model closes it."""
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the weather in Paris?"},
@@ -73,7 +76,7 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dirs = {}
-    for name, template in {**TEMPLATES, "plain": PLAIN_CHATML}.items():
+    for name, template in {**TEMPLATES, "plain": PLAIN_CHATML, "thinking": THINKING_CHATML}.items():
         dirs[name] = save_tiny_model_with_template(
             "qwen2", template, tmp_path_factory.mktemp(f"agent-{name}"), max_positions=CONTEXT
         )
@@ -564,3 +567,69 @@ def test_harmless_fields_are_accepted(servers: dict[str, LiveServer]) -> None:
 
 
 Check = Callable[[Any], bool]
+
+
+def test_reasoning_goes_to_reasoning_content_whole_and_streamed(servers: dict[str, LiveServer]) -> None:
+    assert "<think>" in THINKING_CHATML
+    client = client_for(servers["thinking"])
+    common = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    message = client.chat.completions.create(**common).choices[0].message
+    reasoning = (message.model_extra or {}).get("reasoning_content")
+    assert reasoning and not message.content  # the block never closed: all of it is thinking
+    streamed: list[str] = []
+    for chunk in client.chat.completions.create(**common, stream=True):
+        for c in chunk.choices:
+            assert not c.delta.content
+            streamed.append((c.delta.model_extra or {}).get("reasoning_content") or "")
+    assert "".join(streamed) == reasoning
+    # The same text from a template without a thinking block is plain content.
+    plain = client_for(servers["plain"]).chat.completions.create(**common).choices[0].message
+    assert plain.content and not (plain.model_extra or {}).get("reasoning_content")
+
+
+def test_legacy_functions_map_onto_tools(servers: dict[str, LiveServer]) -> None:
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "functions": [WEATHER["function"]],
+        "function_call": {"name": "get_weather"},
+        "max_tokens": 120,
+        "temperature": 1.0,
+        "seed": 3,
+    }
+    resp = httpx.post(servers["qwen"].url + "/v1/chat/completions", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    call = choice["message"]["function_call"]
+    assert call["name"] == "get_weather" and not choice["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER_SCHEMA)
+    # The legacy history (assistant function_call + a function message) renders and answers.
+    history = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "function_call": call},
+        {"role": "function", "name": "get_weather", "content": '{"temperature": 21}'},
+    ]
+    again = httpx.post(
+        servers["qwen"].url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": history, "functions": [WEATHER["function"]], "max_tokens": 3},
+        timeout=120,
+    )
+    assert again.status_code == 200, again.text
+
+
+def test_tool_choice_none_leaves_tool_markup_as_text(servers: dict[str, LiveServer]) -> None:
+    client = client_for(servers["qwen"])
+    resp = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=[WEATHER], tool_choice="none", max_tokens=8, temperature=0
+    )
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert not resp.choices[0].message.tool_calls
+
+
+def test_parallel_tool_calls_false_keeps_one_call(servers: dict[str, LiveServer]) -> None:
+    client = client_for(servers["qwen"])
+    resp = client.chat.completions.create(
+        **_forced(tools=[WEATHER, SEARCH], tool_choice="required", parallel_tool_calls=False)
+    )
+    assert len(resp.choices[0].message.tool_calls) == 1

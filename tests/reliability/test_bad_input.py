@@ -186,10 +186,14 @@ def test_invalid_utf8_bodies_are_a_clear_400(server: LiveServer, path: str, body
 
 
 def test_surrogates_in_ignored_fields_do_no_harm(server: LiveServer) -> None:
-    """Fields kvproxy never uses may carry anything JSON can: the request is served normally."""
-    body = r'{"model": "demo", "messages": [{"role": "user", "content": "hi", "name": "\ud800"}], "user": "\udfff", "max_tokens": 2, "\ud800": 1}'  # noqa: E501
+    """Fields kvproxy never uses may carry anything JSON can: the request is served normally. (A
+    message's ``name`` is not one of them: chat templates may render it, so it must be text.)"""
+    body = r'{"model": "demo", "messages": [{"role": "user", "content": "hi", "x": "\ud800"}], "user": "\udfff", "max_tokens": 2, "\ud800": 1}'  # noqa: E501
     resp = _post_raw(server, CHAT, body.encode("ascii"))
     assert resp.status_code == 200, resp.text[:300]
+    named = body.replace('"x": "\\ud800"', '"name": "\\ud800"')
+    resp = _post_raw(server, CHAT, named.encode("ascii"))
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages[0].name", resp.text[:300]
 
 
 # A prompt whose greedy continuation (demo model, recipe v2) starts with the token b"\xd2": the
