@@ -31,6 +31,7 @@ _HELP: Mapping[str, str] = MappingProxyType(
         "block_size": "tokens per cached block (default 64)",
         "memory_bytes": "memory tier budget, bytes or 512MiB / 4GiB (default 1GiB)",
         "no_memory_reserve": "do not fault the memory budget in at start (RSS grows with use instead)",
+        "no_history_warming": "do not prefill a tool loop's next-round prefix while the client runs the tool",
         "disk_dir": "disk tier directory (default: the user cache dir, kvproxy/blocks)",
         "no_disk": "turn the disk tier off",
         "disk_bytes": "disk tier cap (default 10GiB)",

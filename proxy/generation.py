@@ -113,6 +113,7 @@ class GenerationService:
         max_context: int,
         default_max_tokens: int,
         block_size: int,
+        history_warming: bool = True,
     ) -> None:
         self.engine = engine
         self._batch = batch
@@ -128,7 +129,7 @@ class GenerationService:
             parser_spec_for(tokenizer),
         )
         self.logprobs = LogprobFormatter(TokenPieces(tokenizer))
-        self.history = HistoryWarmer()
+        self.history = HistoryWarmer(enabled=history_warming)
         """Prefills a tool loop's next round while the client runs the tool."""
 
     async def plan_chat(self, body: ChatCompletionRequest) -> ChatPlan:

@@ -62,7 +62,9 @@ class HistoryWarmer:
     finds the blocks cached or being computed); nobody waits for the warmup itself, and a failure
     only costs the cache."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        """``--no-history-warming`` turns it off."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(
@@ -74,7 +76,7 @@ class HistoryWarmer:
         tenant: str,
     ) -> None:
         engine = generation.engine
-        if not message.tool_calls or not engine.caching:
+        if not self.enabled or not message.tool_calls or not engine.caching:
             return
         try:
             ids = await asyncio.to_thread(next_round_prefix, generation, plan, body, message)

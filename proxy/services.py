@@ -81,6 +81,7 @@ class Services:
             max_context=runtime.max_context,
             default_max_tokens=self.settings.default_max_tokens,
             block_size=self.settings.block_size,
+            history_warming=not self.settings.no_history_warming,
         )
         self.metrics.watch_tiers(runtime.tier_figures)
         self.metrics.watch_engine(lambda: _running_waiting(runtime))

@@ -107,6 +107,7 @@ class ServeSettings(BaseSettings):
     block_size: int = Field(default=64, ge=1, le=65536)
     memory_bytes: Size = 1024**3
     no_memory_reserve: bool = False
+    no_history_warming: bool = False
     disk_dir: Path = Field(default_factory=default_disk_dir)
     no_disk: bool = False
     disk_bytes: Size = 10 * 1024**3
