@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.agent_bench import (
-    FAMILIES,
-    QUICK_ROUNDS,
-    REPORT_DIR,
-    BenchConfig,
-    Lineage,
-    run_bench,
-    schedule,
-    tool_result,
-    totals,
-    write_report,
-)
+from bench.agent_bench import QUICK_ROUNDS, REPORT_DIR, run_bench
 from bench.agent_bench import config_from_args as parse
+from bench.agent_measure import Lineage, totals
+from bench.agent_report import BenchConfig, write_report
+from bench.agent_script import FAMILIES, schedule, tool_result
 
 
 @pytest.mark.parametrize(
