@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5
 """Prompt tokens decoded ahead of the completion: tokenizers that drop a leading space when a
@@ -99,16 +101,7 @@ class StopMatcher:
 
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's byte-to-unicode table (byte-level BPE vocabularies spell bytes so)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TokenPieces:

@@ -9,6 +9,7 @@ parser needs. Built once per request on a helper thread (rendering and compiling
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -44,13 +45,9 @@ class ChatPlan:
     """The tools as the template and the parser take them (``{"type": "function", "function": ...}``)."""
     parse_tools: bool = False
     """Read tool calls out of the output (tools given and ``tool_choice`` is not ``none``)."""
-    forced_call: bool = False
-    """The output is a tool call by construction (``required`` or a named function)."""
     parallel_tool_calls: bool = True
     legacy_functions: bool = False
     """The request used ``functions``: the answer carries ``function_call``, not ``tool_calls``."""
-    structured: bool = False
-    """A ``response_format`` grammar shapes the output."""
     variables: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,15 +114,17 @@ class ChatPlanner:
                 schema = tool["function"].get("parameters") or {"type": "object"}
                 syntax.append(ToolCallSyntax(prefix=prefix, schema=schema, suffix=suffix))
             param = "tool_choice" if not legacy else "function_call"
-            return _with(plan, self._compile(tool_call_grammar(syntax), param), forced_call=True)
+            return dataclasses.replace(plan, constraint=self._compile(tool_call_grammar(syntax), param))
         fmt = body.response_format
         if fmt is not None and fmt.type == "json_object":
-            return _with(plan, self._compile(json_object_grammar(), "response_format"), structured=True)
+            return dataclasses.replace(
+                plan, constraint=self._compile(json_object_grammar(), "response_format")
+            )
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
             schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
             param = "response_format.json_schema.schema"
             _check_schema(schema, param)
-            return _with(plan, self._compile(json_schema_grammar(schema), param), structured=True)
+            return dataclasses.replace(plan, constraint=self._compile(json_schema_grammar(schema), param))
         return plan
 
     def parser(self, plan: ChatPlan, rng: random.Random | None = None) -> OutputParser:
@@ -141,10 +140,6 @@ class ChatPlanner:
             raise InvalidRequest(
                 f"Cannot enforce this schema: {exc}", param=param, code="invalid_schema"
             ) from None
-
-
-def _with(plan: ChatPlan, constraint: Constraint, **changes: Any) -> ChatPlan:
-    return ChatPlan(**{**plan.__dict__, "constraint": constraint, **changes})
 
 
 def _check_schema(schema: Any, param: str) -> None:

@@ -20,7 +20,7 @@ from model_runner.records import WarmupResult
 from proxy.chat_plan import ChatPlan, template_messages
 from proxy.responses import AssistantMessage
 from proxy.schemas import ChatCompletionRequest, ChatMessage, ToolCallIn
-from proxy.worker import JobStream
+from proxy.worker import JobStream, start_warmup
 
 log = logging.getLogger("kvproxy")
 
@@ -82,10 +82,7 @@ class HistoryWarmer:
             ids = await asyncio.to_thread(next_round_prefix, generation, plan, body, message)
             if not ids or len(ids) >= generation.max_context:
                 return
-            stream: JobStream[WarmupResult] = JobStream(asyncio.get_running_loop())
-            stream.attach(
-                engine.submit_warmup(ids, stream.deliver, tenant=tenant, cache_salt=body.cache_salt or "")
-            )
+            stream = start_warmup(engine, ids, tenant=tenant, cache_salt=body.cache_salt or "")
         except Exception:
             log.warning("warming the next round of a tool loop failed", exc_info=True)
             return

@@ -113,7 +113,7 @@ class ToolCallIn(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Annotated[Text | list[TextPart] | None, Field(default=None)] = None
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: Text | None = Field(default=None, max_length=256)

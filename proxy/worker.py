@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from model_runner.engine import Engine, EngineClosed, Handle, QueueFull
 from model_runner.records import Failed, Finished, GenerationRequest, TextDelta, WarmupResult
 
-__all__ = ["EngineClosed", "JobStream", "QueueFull", "on_engine", "open_stream", "warmup"]
+__all__ = ["EngineClosed", "JobStream", "QueueFull", "on_engine", "open_stream", "start_warmup", "warmup"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,10 +84,19 @@ def open_stream(engine: Engine, request: GenerationRequest) -> JobStream[TextDel
     return stream
 
 
-async def warmup(engine: Engine, prompt_ids: Sequence[int], *, tenant: str, cache_salt: str) -> WarmupResult:
-    """Prefill and store one prompt through the engine's scheduler (it shares the batch)."""
+def start_warmup(
+    engine: Engine, prompt_ids: Sequence[int], *, tenant: str, cache_salt: str
+) -> JobStream[WarmupResult]:
+    """Queue a warmup now (raises ``QueueFull`` / ``EngineClosed`` at once); iterate the stream
+    for its one ``WarmupResult``."""
     stream: JobStream[WarmupResult] = JobStream(asyncio.get_running_loop())
     stream.attach(engine.submit_warmup(prompt_ids, stream.deliver, tenant=tenant, cache_salt=cache_salt))
+    return stream
+
+
+async def warmup(engine: Engine, prompt_ids: Sequence[int], *, tenant: str, cache_salt: str) -> WarmupResult:
+    """Prefill and store one prompt through the engine's scheduler (it shares the batch)."""
+    stream = start_warmup(engine, prompt_ids, tenant=tenant, cache_salt=cache_salt)
     async for result in stream:
         return result
     raise EngineClosed("the warmup ended without a result")

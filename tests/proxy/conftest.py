@@ -62,14 +62,18 @@ def _factory(tmp: Path, cache_dir: Path, started: list[LiveServer]) -> ServerFac
     return make
 
 
+def _shared_servers(tmp: Path, cache_dir: Path) -> Iterator[ServerFactory]:
+    started: list[LiveServer] = []
+    yield _factory(tmp, cache_dir, started)
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def session_server_factory(
     tmp_path_factory: pytest.TempPathFactory, kvp_cache_dir: Path
 ) -> Iterator[ServerFactory]:
-    started: list[LiveServer] = []
-    yield _factory(tmp_path_factory.mktemp("servers"), kvp_cache_dir, started)
-    for server in started:
-        server.stop()
+    yield from _shared_servers(tmp_path_factory.mktemp("servers"), kvp_cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +81,7 @@ def module_server_factory(
     tmp_path_factory: pytest.TempPathFactory, kvp_cache_dir: Path
 ) -> Iterator[ServerFactory]:
     """Servers shared by one test module, stopped afterwards."""
-    started: list[LiveServer] = []
-    yield _factory(tmp_path_factory.mktemp("servers"), kvp_cache_dir, started)
-    for server in started:
-        server.stop()
+    yield from _shared_servers(tmp_path_factory.mktemp("servers"), kvp_cache_dir)
 
 
 @pytest.fixture
