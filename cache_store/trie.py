@@ -2,13 +2,18 @@
 
 Because every block hash already commits to its whole prefix, the trie needs no edge labels: a
 node is "block h, child of block p". What it adds over a dict is structure for eviction: a block
-is evicted only when it is an *unlocked leaf* (nothing cached extends it and no request is using
-it), least recently used first, so the memory tier always holds whole prefixes. A parent becomes
-a candidate when its last child goes.
+is evicted only when it is an *unlocked, unpinned leaf* (nothing cached extends it, no request is
+using it and no TTL pin holds it), least recently used first, so the memory tier always holds
+whole prefixes. A parent becomes a candidate when its last child goes.
 
 Evictable leaves live in a min-heap of ``(stamp, key)`` with lazy deletion: an entry is valid only
-while its node is still an unlocked leaf with that stamp; stale entries are skipped on pop and the
+while its node is still an evictable leaf with that stamp; stale entries are skipped on pop and the
 heap is rebuilt when they outnumber the nodes. Eviction is O(log n) amortized.
+
+Locks and pins both keep a block from eviction but differ in who owns them: a lock is a count
+held by a request for the length of that request and lives here; a pin is a single flag that
+``pins.PinTable`` sets and clears (the table owns the pin records, their TTLs, tenant budgets and
+per-block reference counts; the trie only needs to know "do not evict").
 
 ``PrefixTrie`` also implements ``memory.EvictionPolicy``, so ``MemoryStore(policy=trie)`` evicts
 through it. It never calls out while holding its lock (the store calls it with the store's lock
@@ -25,13 +30,14 @@ from dataclasses import dataclass
 
 
 class _Node:
-    __slots__ = ("children", "evictable", "key", "locks", "nbytes", "parent", "stamp", "tiers")
+    __slots__ = ("children", "evictable", "key", "locks", "nbytes", "parent", "pinned", "stamp", "tiers")
 
     def __init__(self, key: bytes, parent: _Node | None, nbytes: int, stamp: int, tiers: int) -> None:
         self.key = key
         self.parent = parent  # a node object: a stale one (no longer in the trie) means "root"
         self.children = 0
         self.locks = 0
+        self.pinned = False  # set by pins.PinTable: held until its pins expire
         self.nbytes = nbytes
         self.stamp = stamp
         self.tiers = tiers  # bit mask over PrefixTrie._tier_bits
@@ -45,6 +51,7 @@ class TrieStats:
     locked: int
     evictable: int
     evictions: int
+    pinned: int = 0  # defaulted so records built by name before pins existed stay valid
 
 
 class PrefixTrie:
@@ -61,6 +68,7 @@ class PrefixTrie:
         self._bytes = 0
         self._locked = 0
         self._evictable = 0
+        self._pinned = 0
         self._evictions = 0
         self._tier_bits: dict[str, int] = {}
         self._evicted: OrderedDict[bytes, None] = OrderedDict()
@@ -79,9 +87,9 @@ class PrefixTrie:
     ) -> int:
         """Add the chain ``hashes`` (``parent`` is the parent of ``hashes[0]``; ``None`` or an
         unknown hash means root level). Known nodes are touched, tagged with ``tier`` and linked
-        under their parent if they were roots. ``pin``: also ``lock`` each hash, atomically (so a
-        concurrent eviction cannot take a block between its insert and its put into memory).
-        Returns how many nodes were created."""
+        under their parent if they were roots. ``pin``: also ``lock`` each hash (a request lock, not
+        a TTL pin), atomically (so a concurrent eviction cannot take a block between its insert and
+        its put into memory). Returns how many nodes were created."""
         if len(nbytes) != len(hashes):
             raise ValueError("insert needs one byte size per hash")
         with self._lock:
@@ -140,8 +148,8 @@ class PrefixTrie:
             return [key in self._nodes for key in hashes]
 
     def lock(self, hashes: Sequence[bytes]) -> list[bytes]:
-        """Pin the known nodes among ``hashes`` against eviction; returns the hashes pinned (pass
-        exactly those to ``unlock``)."""
+        """Lock the known nodes among ``hashes`` against eviction (per request, counted; not a TTL
+        pin); returns the hashes locked (pass exactly those to ``unlock``)."""
         with self._lock:
             pinned = []
             for key in hashes:
@@ -165,8 +173,30 @@ class PrefixTrie:
                         self._locked -= 1
                     self._refresh(node)
 
+    def set_pinned(self, hashes: Sequence[bytes], pinned: bool) -> int:
+        """Set or clear the pin flag of the known nodes among ``hashes`` (idempotent; unknown
+        hashes are ignored: a block that left the trie has nothing to protect). Returns how many
+        known nodes it touched. Reference counting across overlapping pins is the caller's job."""
+        with self._lock:
+            touched = 0
+            for key in hashes:
+                node = self._nodes.get(key)
+                if node is None:
+                    continue
+                touched += 1
+                if node.pinned != pinned:
+                    node.pinned = pinned
+                    self._pinned += 1 if pinned else -1
+                    self._refresh(node)
+            return touched
+
+    def sizes(self, hashes: Sequence[bytes]) -> list[int | None]:
+        """Each node's byte size, ``None`` for a hash the trie does not know. Does not touch."""
+        with self._lock:
+            return [node.nbytes if (node := self._nodes.get(key)) is not None else None for key in hashes]
+
     def evict_one(self) -> bytes | None:
-        """Remove and return the least recently used unlocked leaf; ``None`` if there is none."""
+        """Remove and return the least recently used unlocked, unpinned leaf; ``None`` if none."""
         with self._lock:
             while self._heap:
                 stamp, key = heapq.heappop(self._heap)
@@ -229,7 +259,7 @@ class PrefixTrie:
                 self._remember_evicted(key)
             self._nodes.clear()
             self._heap.clear()
-            self._bytes = self._locked = self._evictable = 0
+            self._bytes = self._locked = self._evictable = self._pinned = 0
             return n
 
     def stats(self) -> TrieStats:
@@ -240,6 +270,7 @@ class PrefixTrie:
                 locked=self._locked,
                 evictable=self._evictable,
                 evictions=self._evictions,
+                pinned=self._pinned,
             )
 
     def __len__(self) -> int:
@@ -300,7 +331,7 @@ class PrefixTrie:
 
     def _refresh(self, node: _Node) -> None:
         """Re-derive whether ``node`` is an evictable leaf and keep the heap and counter in step."""
-        evictable = node.children == 0 and node.locks == 0
+        evictable = node.children == 0 and node.locks == 0 and not node.pinned
         if evictable != node.evictable:
             node.evictable = evictable
             self._evictable += 1 if evictable else -1
@@ -320,6 +351,8 @@ class PrefixTrie:
         self._bytes -= node.nbytes
         if node.locks:
             self._locked -= 1
+        if node.pinned:
+            self._pinned -= 1
         if node.evictable:
             self._evictable -= 1
         parent = self._live_parent(node)

@@ -1,4 +1,5 @@
-"""PrefixTrie: matching, pinning, LRU eviction of unlocked leaves, and its role as MemoryStore's policy."""
+"""PrefixTrie: matching, locks and pin flags, LRU eviction of free leaves, and its role as MemoryStore's
+policy."""
 
 from __future__ import annotations
 
@@ -90,6 +91,64 @@ def test_lock_prevents_eviction_until_unlocked() -> None:
     trie.unlock([a, b])  # unknown now: ignored
 
 
+def test_pinned_nodes_are_not_evicted_until_unpinned() -> None:
+    trie = PrefixTrie()
+    a, b, c = chain(trie, "abc")
+    chain(trie, "x")
+    assert trie.set_pinned([a, b, c, h("zz")], True) == 3  # unknown hashes are ignored
+    assert trie.set_pinned([c], True) == 1  # idempotent
+    stats = trie.stats()
+    assert (stats.pinned, stats.evictable, stats.locked) == (3, 1, 0)
+    assert drain(trie) == "x"
+    trie.set_pinned([c], False)
+    assert drain(trie) == "c"  # b is a pinned leaf now
+    trie.set_pinned([a, b], False)
+    assert trie.stats().pinned == 0
+    assert drain(trie) == "ba"
+    assert trie.set_pinned([a], False) == 0
+
+
+def test_pin_and_lock_are_independent() -> None:
+    trie = PrefixTrie()
+    (a,) = chain(trie, "a")
+    trie.lock([a])
+    trie.set_pinned([a], True)
+    trie.unlock([a])
+    assert trie.evict_one() is None  # still pinned
+    trie.lock([a])
+    trie.set_pinned([a], False)
+    assert trie.evict_one() is None  # still locked
+    trie.unlock([a])
+    assert trie.evict_one() == a
+
+
+def test_sizes() -> None:
+    trie = PrefixTrie()
+    trie.insert([h("a"), h("b")], None, [5, 7])
+    assert trie.sizes([h("b"), h("x"), h("a")]) == [7, None, 5]
+    assert trie.sizes([]) == []
+    trie.insert([h("a")], None, [9])  # a re-insert updates the size
+    assert trie.sizes([h("a")]) == [9]
+
+
+def test_pinned_count_follows_nodes_that_leave() -> None:
+    trie = PrefixTrie()
+    keys = chain(trie, "abcd")
+    trie.set_pinned(keys, True)
+    trie.removed(h("d"))  # e.g. deleted from memory after a failed verification
+    assert trie.stats().pinned == 3
+    trie.remove(h("b"))  # b and c
+    assert trie.stats().pinned == 1
+    chain(trie, "d", parent="a")  # a node that comes back has no flag
+    assert trie.stats().pinned == 1
+    assert trie.clear() == 2
+    stats = trie.stats()
+    assert (stats.nodes, stats.pinned, stats.evictable) == (0, 0, 0)
+    chain(trie, "a")
+    assert trie.stats().pinned == 0
+    assert trie.evict_one() == h("a")
+
+
 def test_remove_takes_the_whole_subtree() -> None:
     trie = PrefixTrie()
     chain(trie, "abc")
@@ -164,6 +223,19 @@ def test_memory_store_evicts_unlocked_leaves_through_the_trie() -> None:
     trie.removed(z)  # the refused block leaves the index (what PrefixCache does)
     assert memory.put_many([(z, b"v" * 10)]) == 1
     assert trie.stats().nodes == len(memory) == 4
+
+
+def test_memory_store_never_evicts_pinned_blocks() -> None:
+    trie = PrefixTrie()
+    memory = MemoryStore(max_bytes=30, policy=trie)
+    keys = chain(trie, "abc")
+    memory.put_many([(k, b"v" * 10) for k in keys])
+    trie.set_pinned(keys, True)
+    assert memory.put_many([(h("x"), b"v" * 10)]) == 0  # everything pinned: refused
+    assert memory.contains(keys) == [True] * 3
+    trie.set_pinned(keys[2:], False)
+    assert memory.put_many([(h("x"), b"v" * 10)]) == 1
+    assert memory.contains([*keys, h("x")]) == [True, True, False, True]
 
 
 def test_a_key_unknown_to_the_trie_becomes_a_root() -> None:
