@@ -22,6 +22,7 @@ import torch
 
 from cache_store.codec import BlockKV, LayerShape, RecordError, decode_block, encode_block
 from cache_store.hashing import block_hashes
+from cache_store.pins import PinOutcome, PinTable
 from cache_store.tiered import TieredStore
 from cache_store.trie import PrefixTrie, TrieStats
 
@@ -103,15 +104,19 @@ class PrefixCache:
     """Prefix lookup and block storage over ``store`` (memory in front of disk/Redis) and ``trie``.
 
     ``trie`` must be the memory tier's eviction policy (``MemoryStore(policy=trie)``), so that
-    what is pinned here is what memory keeps.
+    what is pinned here is what memory keeps. ``pins`` (over the same trie) keeps prefixes in
+    memory for a TTL (cache breakpoints); a lookup that reads a pinned prefix refreshes it.
     """
 
-    def __init__(self, store: TieredStore, trie: PrefixTrie, block_size: int) -> None:
+    def __init__(
+        self, store: TieredStore, trie: PrefixTrie, block_size: int, pins: PinTable | None = None
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.store = store
         self.trie = trie
         self.block_size = block_size
+        self.pins = pins
         self._lock = threading.Lock()
         self._lookups = 0
         self._hit_blocks: Counter[str] = Counter()
@@ -165,7 +170,22 @@ class PrefixCache:
         hit = PrefixHit(hashes=hashes, blocks=blocks, tiers=tiers, miss_reason=reason, miss_block=miss_block)
         hit._trie = self.trie
         hit._pinned = self.trie.lock(hashes[: len(blocks)])
+        if self.pins is not None and blocks:
+            self.pins.touch(hashes[: len(blocks)])
         return self._count(hit)
+
+    def pin(self, tenant: str, hashes: Sequence[bytes], ttl_s: float, *, source: str) -> PinOutcome | None:
+        """Keep the prefix ``hashes`` (the leading run memory holds) in memory for ``ttl_s``;
+        ``None`` when this cache has no pin table."""
+        if self.pins is None:
+            return None
+        return self.pins.pin(tenant, hashes, ttl_s, source=source)
+
+    def clear_index(self) -> None:
+        """Forget what memory held (after the tiers were cleared): the trie and every pin."""
+        if self.pins is not None:
+            self.pins.clear()
+        self.trie.clear()
 
     def store_blocks(
         self,
@@ -174,10 +194,10 @@ class PrefixCache:
         hashes: Sequence[bytes],
         first_block: int,
         keys_values: Sequence[BlockTensors],
-    ) -> int:
+    ) -> list[int]:
         """Encode and store blocks ``first_block, first_block + 1, ...``: ``keys_values[j]`` holds
-        block ``first_block + j``. Blocks the trie already holds are skipped. Returns how many
-        blocks were written (memory now, lower tiers in the background)."""
+        block ``first_block + j``. Blocks the trie already holds are skipped. Returns the indices
+        of the blocks written (memory now, lower tiers in the background)."""
         if first_block < 0 or first_block + len(keys_values) > len(hashes):
             raise ValueError(
                 f"blocks {first_block}..{first_block + len(keys_values) - 1} outside the "
@@ -194,10 +214,12 @@ class PrefixCache:
         bs = self.block_size
         items: list[tuple[bytes, bytearray]] = []
         lower_only: list[tuple[bytes, bytearray]] = []
+        written: list[int] = []
         for i, (keys, values), known in zip(indices, keys_values, present, strict=True):
             if known:
                 linked = True
                 continue
+            written.append(i)
             record = encode_block(
                 namespace=namespace,
                 parent=namespace if i == 0 else hashes[i - 1],
@@ -230,7 +252,7 @@ class PrefixCache:
         with self._lock:
             self._stored += len(items) + len(lower_only)
             self._skipped += len(keys_values) - len(items) - len(lower_only)
-        return len(items) + len(lower_only)
+        return written
 
     def stats(self) -> PrefixCacheStats:
         trie = self.trie.stats()

@@ -6,11 +6,14 @@ always assemble the tiers the same way.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cache_store.disk import DiskStore
 from cache_store.memory import MemoryStore
+from cache_store.pins import PinTable
 from cache_store.prefix_cache import PrefixCache
 from cache_store.redis_store import RedisStore
 from cache_store.store import BlockStore
@@ -36,14 +39,29 @@ class StoreOptions:
     store_timeout_ms: int = 200
     breaker_cooldown_s: float = 10.0
     writer_queue_items: int = 4096
+    max_pinned_bytes: int | None = None
+    """What cache breakpoints may pin in memory; ``None``: half the memory tier."""
+    pinned_tenant_fraction: float = 0.5
+    """The share of ``max_pinned_bytes`` one tenant's pins may take."""
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0 or self.disk_bytes < 0:
             raise ValueError("memory_bytes and disk_bytes must not be negative")
+        if self.max_pinned_bytes is not None and not 0 <= self.max_pinned_bytes <= self.memory_bytes:
+            raise ValueError(
+                f"max_pinned_bytes must be between 0 and memory_bytes ({self.memory_bytes}), "
+                f"got {self.max_pinned_bytes}"
+            )
+        if not 0 < self.pinned_tenant_fraction <= 1:
+            raise ValueError(f"pinned_tenant_fraction must be in (0, 1], got {self.pinned_tenant_fraction}")
         if self.store_timeout_ms <= 0:
             raise ValueError(f"store_timeout_ms must be positive, got {self.store_timeout_ms}")
         if self.breaker_cooldown_s < 0:
             raise ValueError(f"breaker_cooldown_s must not be negative, got {self.breaker_cooldown_s}")
+
+    @property
+    def pinned_bytes_cap(self) -> int:
+        return self.memory_bytes // 2 if self.max_pinned_bytes is None else self.max_pinned_bytes
 
 
 def default_disk_dir() -> Path:
@@ -52,11 +70,23 @@ def default_disk_dir() -> Path:
 
 
 def build_prefix_cache(
-    options: StoreOptions, block_size: int, *, observer: StoreObserver | None = None
+    options: StoreOptions,
+    block_size: int,
+    *,
+    observer: StoreObserver | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> PrefixCache:
-    """A ``PrefixCache`` over memory (evicting only unlocked trie leaves) in front of the lower
-    tiers ``options`` turns on, disk first (cheaper than the network), then Redis."""
+    """A ``PrefixCache`` over memory (evicting only unlocked, unpinned trie leaves) in front of
+    the lower tiers ``options`` turns on, disk first (cheaper than the network), then Redis.
+    ``clock`` times the pins' TTLs (tests pass their own)."""
     trie = PrefixTrie()
+    pins = PinTable(
+        trie,
+        block_size=block_size,
+        max_bytes=options.pinned_bytes_cap,
+        tenant_fraction=options.pinned_tenant_fraction,
+        clock=clock,
+    )
     memory = MemoryStore(options.memory_bytes, policy=trie)
     lower: list[BlockStore] = []
     if options.disk_dir is not None:
@@ -73,4 +103,4 @@ def build_prefix_cache(
             )
         )
     store = TieredStore(memory, lower, queue_items=options.writer_queue_items, observer=observer)
-    return PrefixCache(store, trie, block_size)
+    return PrefixCache(store, trie, block_size, pins)

@@ -61,6 +61,8 @@ class StopMatcher:
         self._stops = tuple(s for s in stops if s)
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the stream (the earliest in the text)."""
 
     def push(self, text: str) -> str:
         """Feed text; returns what can safely be emitted. Sets ``stopped`` at a stop string."""
@@ -70,9 +72,11 @@ class StopMatcher:
         if not self._stops:
             out, self._pending = self._pending, ""
             return out
-        first = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        found = [(i, stop) for stop in self._stops if (i := self._pending.find(stop)) >= 0]
+        first = min(found)[0] if found else -1
         if first >= 0:
             self.stopped = True
+            self.matched = next(stop for i, stop in found if i == first)
             out, self._pending = self._pending[:first], ""
             return out
         hold = self._held_suffix_length()

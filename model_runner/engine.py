@@ -36,7 +36,15 @@ from model_runner.loading import LoadedModel
 from model_runner.loop_futures import release_result, run_call
 from model_runner.model_facts import eos_ids, layer_kinds
 from model_runner.prompt_limits import PromptLimits
-from model_runner.records import Failed, Finished, FinishReason, GenerationRequest, TextDelta, WarmupResult
+from model_runner.records import (
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    PinRequest,
+    TextDelta,
+    WarmupResult,
+)
 from model_runner.sampling import SamplingParams
 from model_runner.scheduler import Planned, Scheduler, SchedulerConfig
 from model_runner.sequence import Event, Sink
@@ -208,14 +216,20 @@ class Engine:
         return self._enqueue(request, sink, prefill_only=False, cancel=cancel)
 
     def submit_warmup(
-        self, prompt_ids: Sequence[int], sink: Sink, *, tenant: str = "default", cache_salt: str = ""
+        self,
+        prompt_ids: Sequence[int],
+        sink: Sink,
+        *,
+        tenant: str = "default",
+        cache_salt: str = "",
+        pins: tuple[PinRequest, ...] = (),
     ) -> Handle:
-        """Queue a warmup: prefill ``prompt_ids``'s full blocks and store them; ``sink`` gets
-        one ``WarmupResult`` (or ``Failed``)."""
+        """Queue a warmup: prefill ``prompt_ids``'s full blocks and store them (then make
+        ``pins``); ``sink`` gets one ``WarmupResult`` (or ``Failed``)."""
         prompt = [int(t) for t in prompt_ids]
         self._limits.check_prompt(prompt, 0)
         request = GenerationRequest(
-            prompt, SamplingParams(max_tokens=1), tenant=tenant, cache_salt=cache_salt
+            prompt, SamplingParams(max_tokens=1), tenant=tenant, cache_salt=cache_salt, pins=pins
         )
         return self._enqueue(request, sink, prefill_only=True)
 
@@ -240,12 +254,17 @@ class Engine:
         return drain_events(handle, events)
 
     def warmup(
-        self, prompt_ids: Sequence[int], *, tenant: str = "default", cache_salt: str = ""
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        tenant: str = "default",
+        cache_salt: str = "",
+        pins: tuple[PinRequest, ...] = (),
     ) -> WarmupResult:
         """Blocking helper over ``submit_warmup``. Lower tiers are written in the background:
         drain the store to wait for them."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.submit_warmup(prompt_ids, events.put, tenant=tenant, cache_salt=cache_salt)
+        self.submit_warmup(prompt_ids, events.put, tenant=tenant, cache_salt=cache_salt, pins=pins)
         event = events.get()
         if isinstance(event, Failed):
             raise event.error
@@ -409,6 +428,7 @@ class Engine:
         if seq.prefill_only:
             seq.cached = min(matched, seq.target)
             if seq.cached >= seq.target:
+                self._pin(seq)
                 self._finish_warmup(seq)
                 return
             capacity = seq.target
@@ -488,6 +508,7 @@ class Engine:
         if prefill_finished and seq.prefill_only:
             self._store_blocks(seq, seq.target)
             self._release_followers(seq)
+            self._pin(seq)
             self._finish_warmup(seq)
             return
         if prefill_finished:
@@ -505,6 +526,7 @@ class Engine:
         self._store_blocks(seq, min(seq.fed, len(seq.prompt)))
         if prefill_finished:
             self._release_followers(seq)
+            self._pin(seq)
         if done:
             self._finish(seq, seq.stream(self._tokenizer, self._eos, self._device).finish or "stop")
         elif seq.cancel.is_set():
@@ -572,9 +594,32 @@ class Engine:
             hashes = block_hashes(ids, self.block_size, seq.namespace)
             with torch.inference_mode():
                 blocks = seq.kv.slice_blocks(first, n_blocks - first, self.block_size)
-            self._cache.store_blocks(seq.namespace, ids, hashes, first, blocks)
+            seq.written_blocks += self._cache.store_blocks(seq.namespace, ids, hashes, first, blocks)
         except Exception:
             log.exception("storing blocks %d..%d failed", first, n_blocks - 1)
+
+    def _pin(self, seq: Seq) -> None:
+        """The prompt is stored: make the request's pins (a pin that cannot be made, e.g. over
+        its tenant's budget, costs only the pin, never the response)."""
+        if self._cache is None or not seq.request.pins or seq.pin_outcomes:
+            return
+        bs = self.block_size
+        try:
+            hashes = seq.hit.hashes if seq.hit is not None else block_hashes(seq.prompt, bs, seq.namespace)
+            for want in seq.request.pins:
+                n_blocks = min(want.tokens, len(seq.prompt)) // bs
+                if n_blocks == 0:
+                    continue
+                outcome = self._cache.pin(
+                    seq.request.tenant, hashes[:n_blocks], want.ttl_s, source=want.source
+                )
+                if outcome is None:
+                    return
+                seq.pin_outcomes.append(outcome)
+                if outcome.pin is None:
+                    log.info("a pin of %d blocks was not made: %s", n_blocks, outcome.reason)
+        except Exception:
+            log.exception("pinning the prefix of request %d failed", seq.id)
 
     def _memory_holds(self, key: bytes) -> bool:
         assert self._cache is not None
@@ -613,7 +658,8 @@ class Engine:
             if seq.prefill_only:
                 self._emit(seq, Failed(EngineClosed("the warmup was cancelled")))
             else:
-                self._emit(seq, Finished(reason, usage, index=seq.choice))
+                stop = seq._stream.stop_sequence if seq._stream is not None and reason == "stop" else None
+                self._emit(seq, Finished(reason, usage, index=seq.choice, stop_sequence=stop))
 
     def _finish_warmup(self, seq: Seq) -> None:
         result = warmup_report(seq)

@@ -29,3 +29,20 @@ def layer_kinds(config: Any) -> list[str]:
         return [k.kind for k in capability.cache_layer_kinds(config)]
     except (ValueError, TypeError, AttributeError, KeyError):
         return []
+
+
+def sampling_defaults(loaded: LoadedModel) -> tuple[float, float, int]:
+    """``(temperature, top_p, top_k)`` from the model's generation config: what a request that
+    sets none of them gets where the API leaves the defaults to the model (Anthropic's). A config
+    that does not sample (``do_sample`` false, transformers' default) means greedy."""
+    config = getattr(loaded.model, "generation_config", None)
+    if config is None or not getattr(config, "do_sample", False):
+        return 0.0, 1.0, 0
+    temperature = getattr(config, "temperature", None)
+    top_p = getattr(config, "top_p", None)
+    top_k = getattr(config, "top_k", None)
+    return (
+        float(temperature) if temperature is not None else 1.0,
+        float(top_p) if top_p is not None else 1.0,
+        int(top_k) if top_k is not None else 0,
+    )

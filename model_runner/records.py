@@ -8,6 +8,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from cache_store.pins import PinOutcome
 from model_runner.sampling import SamplingParams, TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -45,6 +46,23 @@ MAX_CHOICES = 16
 
 
 @dataclass(frozen=True)
+class PinRequest:
+    """Keep the whole blocks of the first ``tokens`` prompt tokens in memory for ``ttl_s``
+    seconds (a cache breakpoint), refreshed whenever a lookup reads them. ``source`` says who
+    asked (``cache_control``, ``prompt_cache_retention``, ``admin``)."""
+
+    tokens: int
+    ttl_s: float
+    source: str = "cache_control"
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ValueError("a pin cannot cover a negative number of tokens")
+        if self.ttl_s <= 0:
+            raise ValueError("a pin's TTL must be positive")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One completion: token ids of the rendered prompt, how to sample, and the cache partition
     (``tenant`` and the request's optional ``cache_salt``, both part of the namespace).
@@ -59,6 +77,8 @@ class GenerationRequest:
     cache_salt: str = ""
     n: int = 1
     constraint: Constraint | None = None
+    pins: tuple[PinRequest, ...] = ()
+    """Prefixes to pin once the prompt is prefilled and stored (cache breakpoints)."""
 
     def __post_init__(self) -> None:
         ids = tuple(int(t) for t in self.prompt_ids)
@@ -112,6 +132,11 @@ class UsageReport:
     prefill_steps: int = 0
     miss_reason: str = "cache_disabled"
     miss_block: int | None = None
+    written_blocks: tuple[int, ...] = ()
+    """Prompt blocks (by index) this request wrote to the cache (blocks another request or an
+    earlier one stored are not among them)."""
+    pins: tuple[str, ...] = ()
+    """Ids of the pins this request's ``PinRequest``s made or refreshed."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +147,8 @@ class Finished:
     finish_reason: FinishReason
     usage: UsageReport
     index: int = 0
+    stop_sequence: str | None = None
+    """The stop string that ended the choice (``finish_reason`` "stop"), if one did."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +160,8 @@ class WarmupResult:
     prefilled_tokens: int
     stored_blocks: int
     miss_reason: str
+    pins: tuple[PinOutcome, ...] = ()
+    """What its ``PinRequest``s did: the pins made or refreshed, or why not."""
 
 
 @dataclass(frozen=True)

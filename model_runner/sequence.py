@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from cache_store.pins import PinOutcome
 from cache_store.prefix_cache import PrefixHit
 from model_runner.detokenize import IncrementalDetokenizer, StopMatcher
 from model_runner.kv import CacheKV, RequestKV
@@ -73,6 +74,10 @@ class Sequence:
     reserve_bytes: int = 0
     stored_blocks: int = 0
     """Leading full blocks known to be in the cache (matched or stored by this request)."""
+    written_blocks: list[int] = field(default_factory=list)
+    """Prompt blocks this request wrote itself (the others it matched or found stored)."""
+    pin_outcomes: list[PinOutcome] = field(default_factory=list)
+    """What its ``PinRequest``s did (pins made or refreshed, or why not)."""
     waiting_on: Sequence | None = None
     """The running request whose prefill computes the blocks this one needs next."""
     followers: list[Sequence] = field(default_factory=list)
@@ -211,6 +216,11 @@ class TokenStream:
         )
         self._unsent = []
         self._unsent_logprobs = []
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the stream, if one did."""
+        return self._stopper.matched
 
     def close(self) -> None:
         """Emit what was held back (a split character, a possible stop string that never came)."""

@@ -38,6 +38,10 @@ def usage_report(seq: Sequence, block_size: int, now: float) -> UsageReport:
         decode_s=now - ttft_end,
         miss_reason=hit.miss_reason if hit is not None else "cache_disabled",
         miss_block=hit.miss_block if hit is not None else None,
+        written_blocks=tuple(
+            b for b in prompt_side.written_blocks if (b + 1) * block_size <= len(seq.prompt)
+        ),
+        pins=tuple(o.pin.id for o in prompt_side.pin_outcomes if o.pin is not None),
     )
 
 
@@ -49,4 +53,5 @@ def warmup_report(seq: Sequence) -> WarmupResult:
         prefilled_tokens=max(seq.fed - seq.cached, 0),
         stored_blocks=max(seq.stored_blocks - (len(seq.hit.blocks) if seq.hit else 0), 0),
         miss_reason=seq.hit.miss_reason if seq.hit is not None else "cache_disabled",
+        pins=tuple(seq.pin_outcomes),
     )
