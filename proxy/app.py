@@ -16,10 +16,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.anthropic.schemas import CountTokensRequest, MessagesRequest
 from proxy.body import add_body_schemas
 from proxy.errors import install_error_handlers
-from proxy.routers import cache, chat, completions, dashboard, health, metrics, models
-from proxy.schemas import ChatCompletionRequest, CompletionRequest, WarmupRequest
+from proxy.routers import cache, chat, completions, dashboard, health, messages, metrics, models, pins
+from proxy.schemas import ChatCompletionRequest, CompletionRequest, PinCreateRequest, WarmupRequest
 from proxy.services import Services
 from proxy.settings import ServeSettings
 
@@ -32,6 +33,8 @@ WORKER_GRACE_S = 2.0
 request leaves the batch at the next step)."""
 DRAIN_TIMEOUT_S = 15.0
 """Then the bound on writing the queued blocks to disk/Redis."""
+PIN_SWEEP_S = 10.0
+"""How often expired pins are swept."""
 
 
 class RequestMetricsMiddleware:
@@ -65,6 +68,17 @@ class RequestMetricsMiddleware:
         return str(getattr(scope.get("route"), "path", "other"))
 
 
+async def _sweep_pins(services: Services) -> None:
+    """Expired pins are dropped lazily by every pin call, and here periodically, so an idle
+    server gives their memory back too."""
+    while True:
+        await asyncio.sleep(PIN_SWEEP_S)
+        try:
+            await asyncio.to_thread(services.sweep_pins)
+        except Exception:
+            log.exception("sweeping expired pins failed")
+
+
 def create_app(settings: ServeSettings, services: Services | None = None) -> FastAPI:
     """The app for ``settings``; ``services`` may be given pre-built (the CLI builds them to
     report a bad keys file before binding the port)."""
@@ -73,9 +87,11 @@ def create_app(settings: ServeSettings, services: Services | None = None) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.start()
+        sweeper = asyncio.create_task(_sweep_pins(services))
         try:
             yield
         finally:
+            sweeper.cancel()
             log.info("shutting down: finishing running work, draining the store writer")
             # In a thread: the loop must keep running so that requests cancelled by the server's
             # shutdown run their cleanup (which cancels their jobs) while we wait for the worker.
@@ -89,7 +105,7 @@ def create_app(settings: ServeSettings, services: Services | None = None) -> Fas
     )
     app.state.services = services
     install_error_handlers(app)
-    for module in (chat, completions, models, cache, health, metrics, dashboard):
+    for module in (chat, completions, messages, models, cache, pins, health, metrics, dashboard):
         app.include_router(module.router)
     app.add_middleware(RequestMetricsMiddleware, services=services)
 
@@ -97,7 +113,15 @@ def create_app(settings: ServeSettings, services: Services | None = None) -> Fas
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             app.openapi_schema = add_body_schemas(
-                schema, (ChatCompletionRequest, CompletionRequest, WarmupRequest)
+                schema,
+                (
+                    ChatCompletionRequest,
+                    CompletionRequest,
+                    MessagesRequest,
+                    CountTokensRequest,
+                    WarmupRequest,
+                    PinCreateRequest,
+                ),
             )
         return app.openapi_schema
 

@@ -70,13 +70,21 @@ class KeyTable:
                 found = entry.principal
         return found
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization:
-            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationFailed("Malformed Authorization header: use 'Bearer <key>'.")
-        principal = self.lookup(key.strip())
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
+        """The caller of a request with these headers: ``Authorization: Bearer KEY`` (OpenAI) or
+        ``x-api-key: KEY`` (Anthropic); the ``x-api-key`` wins when both are sent."""
+        if api_key is not None:
+            key = api_key.strip()
+        elif not authorization:
+            raise AuthenticationFailed(
+                "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+            )
+        else:
+            scheme, _, key = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise AuthenticationFailed("Malformed Authorization header: use 'Bearer <key>'.")
+            key = key.strip()
+        principal = self.lookup(key) if key else None
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return principal

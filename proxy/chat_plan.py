@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +60,9 @@ class ChatPlanner:
         self._compiler = compiler
         self._parsers = parsers
 
-    def plan(self, body: ChatCompletionRequest) -> ChatPlan:
-        """Render and tokenize the prompt and build its constraint; raises ``InvalidRequest``."""
+    def plan(self, body: ChatCompletionRequest, variables: Mapping[str, Any] | None = None) -> ChatPlan:
+        """Render and tokenize the prompt and build its constraint; raises ``InvalidRequest``.
+        ``variables``: template variables the caller chose (e.g. ``enable_thinking``)."""
         tools, choice, legacy = _tools_of(body)
         if tools and not self.template.supports_tools:
             raise InvalidRequest(
@@ -73,19 +75,8 @@ class ChatPlanner:
             raise InvalidRequest("'tool_choice' names a tool but no tools were given.", param="tool_choice")
         for i, tool in enumerate(tools or []):
             _check_schema(tool["function"].get("parameters"), f"tools[{i}].function.parameters")
-        variables: dict[str, Any] = {}
-        if body.reasoning_effort is not None and self.template.accepts("reasoning_effort"):
-            variables["reasoning_effort"] = body.reasoning_effort
-        try:
-            messages = self.template.normalize_messages(template_messages(body.messages, self.template))
-            text = self.template.render(messages, tools=tools or None, variables=variables)
-        except MessageError as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
-        except ChatTemplateError as exc:
-            # The template's own refusal (e.g. roles that must alternate): the client can fix it.
-            raise InvalidRequest(
-                f"The model's chat template refused the conversation: {exc}", param="messages"
-            ) from None
+        variables = self._variables(body, variables)
+        text = self._render(body, tools, variables)
         prompt_ids = self.template.tokenize(text)
         parse_tools = bool(tools) and choice != "none"
         plan = ChatPlan(
@@ -126,6 +117,34 @@ class ChatPlanner:
             _check_schema(schema, param)
             return dataclasses.replace(plan, constraint=self._compile(json_schema_grammar(schema), param))
         return plan
+
+    def prompt_ids(
+        self, body: ChatCompletionRequest, variables: Mapping[str, Any] | None = None
+    ) -> list[int]:
+        """The rendered prompt's token ids alone (no constraint, no tool checks): for counting
+        tokens and for finding where a cache breakpoint's prefix ends."""
+        tools, _, _ = _tools_of(body)
+        return self.template.tokenize(self._render(body, tools, self._variables(body, variables)))
+
+    def _variables(self, body: ChatCompletionRequest, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        variables = {k: v for k, v in (given or {}).items() if self.template.accepts(k)}
+        if body.reasoning_effort is not None and self.template.accepts("reasoning_effort"):
+            variables["reasoning_effort"] = body.reasoning_effort
+        return variables
+
+    def _render(
+        self, body: ChatCompletionRequest, tools: list[dict[str, Any]], variables: dict[str, Any]
+    ) -> str:
+        try:
+            messages = self.template.normalize_messages(template_messages(body.messages, self.template))
+            return self.template.render(messages, tools=tools or None, variables=variables)
+        except MessageError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        except ChatTemplateError as exc:
+            # The template's own refusal (e.g. roles that must alternate): the client can fix it.
+            raise InvalidRequest(
+                f"The model's chat template refused the conversation: {exc}", param="messages"
+            ) from None
 
     def parser(self, plan: ChatPlan, rng: random.Random | None = None) -> OutputParser:
         """A fresh output parser for one choice of ``plan``."""

@@ -25,7 +25,8 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 _HELP: Mapping[str, str] = MappingProxyType(
     {
         "model": "HF model id or local path (default: the offline `demo` model)",
-        "served_model_name": "model id clients must send (default: --model as given)",
+        "served_model_name": "model id clients must send (default: --model as given); repeat it for "
+        "aliases (an agent that asks for its own model names)",
         "host": "address to bind (default 127.0.0.1)",
         "port": "port to bind (default 8000)",
         "block_size": "tokens per cached block (default 64)",
@@ -53,6 +54,11 @@ _HELP: Mapping[str, str] = MappingProxyType(
         "(default: 512 on CPU, 2048 on CUDA)",
         "kv_budget_bytes": "K/V reserved by running requests; admission waits when it is full "
         "(default: 4GiB on CPU, half the free GPU memory on CUDA)",
+        "max_pinned_bytes": "memory that cache breakpoints and pins may hold (default: half of "
+        "--memory-bytes)",
+        "max_pinned_tenant_share": "share of --max-pinned-bytes one tenant's pins may take (default 0.5)",
+        "keep_billing_header": "keep Claude Code's per-request x-anthropic-billing-header system block "
+        "(dropped by default: its nonce would make every prompt miss)",
     }
 )
 
@@ -88,6 +94,10 @@ def add_settings_options(parser: argparse.ArgumentParser, names: Iterable[str]) 
         if field.annotation is bool:
             target.add_argument(
                 flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
+        elif name == "served_model_name":
+            target.add_argument(
+                flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="NAME", help=help_text
             )
         else:
             target.add_argument(

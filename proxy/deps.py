@@ -24,7 +24,7 @@ def get_principal(request: Request, services: ServicesDep) -> Principal:
     """The caller; every caller is the admin of tenant ``default`` when no keys are configured."""
     if services.keys is None:
         return OPEN_ACCESS
-    return services.keys.authenticate(request.headers.get("authorization"))
+    return services.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

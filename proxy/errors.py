@@ -8,7 +8,9 @@ the field; a 5xx only for a real server fault. Messages never echo prompt text (
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -100,6 +102,49 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# ---- the Anthropic shape (/v1/messages) ---------------------------------------------------------
+
+ANTHROPIC_PREFIX = "/v1/messages"
+OVERLOADED_STATUS = 529
+"""Anthropic's status for "try again later" (its SDK maps it to ``OverloadedError``)."""
+_ANTHROPIC_TYPES: Mapping[int, str] = MappingProxyType(
+    {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        OVERLOADED_STATUS: "overloaded_error",
+    }
+)
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def anthropic_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    """``(status, body)`` in Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``:
+    a 503 (queue full, shutting down) is its 529 ``overloaded_error``; field paths are dotted
+    (``messages.0.content``)."""
+    if status == 503:
+        status = OVERLOADED_STATUS
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    message = re.sub(r"\[(\d+)\]", r".\1", message)
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(
+    request: Request, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The response for an OpenAI-shaped error ``body``, reshaped on Anthropic's routes."""
+    if is_anthropic(request.url.path):
+        status, body = anthropic_error(status, str(body["error"]["message"]))
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
 def loc_to_param(loc: Sequence[int | str]) -> str | None:
     """``("body", "messages", 0, "content")`` -> ``"messages[0].content"``."""
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
@@ -137,20 +182,16 @@ def from_pydantic(exc: ValidationError) -> InvalidRequest:
     return validation_error(exc.errors(include_url=False, include_input=False))
 
 
-def _json(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(request, exc.status, exc.body(), exc.headers)
 
 
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _json(exc.status, exc.body(), exc.headers)
-
-
-async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = validation_error(exc.errors())
-    return _json(err.status, err.body())
+    return error_response(request, err.status, err.body())
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
         body = error_body("Unknown route.", type_="not_found_error", code="not_found")
     elif exc.status_code == 405:
@@ -160,14 +201,16 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     else:
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         body = error_body(str(exc.detail), type_=kind)
-    return _json(exc.status_code, body, exc.headers)
+    return error_response(request, exc.status_code, body, exc.headers)
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A real fault: log the traceback here, show the client nothing of it.
     log.error("internal error", exc_info=exc)
-    return _json(
-        500, error_body("The server had an internal error.", type_="server_error", code="internal_error")
+    return error_response(
+        request,
+        500,
+        error_body("The server had an internal error.", type_="server_error", code="internal_error"),
     )
 
 

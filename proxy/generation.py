@@ -11,24 +11,30 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from model_runner.detokenize import TokenPieces
 from model_runner.engine import Engine
 from model_runner.grammar import GrammarCompiler
+from model_runner.model_facts import sampling_defaults
 from model_runner.records import (
     Constraint,
     Finished,
     FinishReason,
     GenerationRequest,
     InvalidTokens,
+    PinRequest,
     TextDelta,
+    UsageReport,
 )
 from model_runner.records import ContextLengthExceeded as EngineContextLengthExceeded
 from model_runner.response_parsing import parser_spec_for
 from model_runner.sampling import SamplingParams, TokenLogprob
+from proxy.anthropic.plan import MessagesPlan, MessagesPlanner
+from proxy.anthropic.schemas import CountTokensRequest, MessagesRequest
 from proxy.batch_stats import BatchMonitor
 from proxy.chat_output import ChoiceOutput
 from proxy.chat_plan import ChatPlan, ChatPlanner
@@ -43,6 +49,9 @@ from proxy.worker import EngineClosed, JobStream, QueueFull, open_stream
 
 _DISCONNECT_POLL_S = 0.25
 
+RETENTION_TTL_S: Mapping[str, float] = MappingProxyType({"in_memory": 600.0, "24h": 86400.0})
+"""OpenAI's ``prompt_cache_retention`` values as pin TTLs."""
+
 
 @dataclass
 class ChoiceResult:
@@ -52,14 +61,17 @@ class ChoiceResult:
     text: str = ""
     finish_reason: FinishReason = "stop"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_sequence: str | None = None
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """A finished generation: every choice (by index) and the request's usage."""
+    """A finished generation: every choice (by index), the request's usage, and the engine's
+    report it came from."""
 
     choices: list[ChoiceResult]
     usage: Usage
+    report: UsageReport
 
 
 def merge_finished(finishes: Sequence[Finished]) -> Finished:
@@ -67,7 +79,7 @@ def merge_finished(finishes: Sequence[Finished]) -> Finished:
     choice reports the same), the completion tokens of all choices."""
     first = min(finishes, key=lambda f: f.index)
     completion = sum(f.usage.completion_tokens for f in finishes)
-    return Finished(first.finish_reason, dataclasses.replace(first.usage, completion_tokens=completion))
+    return dataclasses.replace(first, usage=dataclasses.replace(first.usage, completion_tokens=completion))
 
 
 def usage_from(finished: Finished) -> Usage:
@@ -114,6 +126,7 @@ class GenerationService:
         default_max_tokens: int,
         block_size: int,
         history_warming: bool = True,
+        keep_billing_header: bool = False,
     ) -> None:
         self.engine = engine
         self._batch = batch
@@ -128,6 +141,12 @@ class GenerationService:
             GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids),
             parser_spec_for(tokenizer),
         )
+        self.messages = MessagesPlanner(
+            self.planner,
+            keep_billing_header=keep_billing_header,
+            sampling_defaults=sampling_defaults(engine.loaded),
+        )
+        """The Anthropic Messages API's conversations and cache breakpoints."""
         self.logprobs = LogprobFormatter(TokenPieces(tokenizer))
         self.history = HistoryWarmer(enabled=history_warming)
         """Prefills a tool loop's next round while the client runs the tool."""
@@ -135,6 +154,13 @@ class GenerationService:
     async def plan_chat(self, body: ChatCompletionRequest) -> ChatPlan:
         """Render the prompt (tools included) and build its constraint, off the event loop."""
         return await asyncio.to_thread(self.planner.plan, body)
+
+    async def plan_messages(self, body: MessagesRequest) -> MessagesPlan:
+        """The same for an Anthropic request, with its breakpoints placed."""
+        return await asyncio.to_thread(self.messages.plan, body)
+
+    async def count_message_tokens(self, body: CountTokensRequest) -> int:
+        return await asyncio.to_thread(self.messages.count, body)
 
     def chat_outputs(self, plan: ChatPlan, body: ChatCompletionRequest) -> list[ChoiceOutput]:
         """One output assembler per choice (parser state, logprobs)."""
@@ -157,8 +183,11 @@ class GenerationService:
         tenant: str,
         constraint: Constraint | None = None,
         keep_special_tokens: bool = False,
+        pins: tuple[PinRequest, ...] = (),
     ) -> GenerationRequest:
-        """Check the context budget and turn the body into an engine request."""
+        """Check the context budget and turn the body into an engine request. ``pins``: the
+        prefixes to pin (cache breakpoints); ``prompt_cache_retention`` adds one of the whole
+        prompt."""
         n_prompt = len(prompt_ids)
         requested = body.requested_max_tokens()
         param = "max_tokens"
@@ -192,6 +221,9 @@ class GenerationService:
             top_logprobs=top_logprobs,
             skip_special_tokens=not keep_special_tokens,
         )
+        if body.prompt_cache_retention is not None:
+            ttl_s = RETENTION_TTL_S[body.prompt_cache_retention]
+            pins = (*pins, PinRequest(n_prompt, ttl_s, "prompt_cache_retention"))
         return GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=sampling,
@@ -199,6 +231,7 @@ class GenerationService:
             cache_salt=body.cache_salt or "",
             n=body.n,
             constraint=constraint,
+            pins=pins,
         )
 
     def batch_figures(self) -> dict[str, Any]:
@@ -224,6 +257,7 @@ class GenerationService:
         route: str,
         tenant: str,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
+        cache_key: str | None = None,
     ) -> Outcome:
         """Generate every choice to its end and collect the text. ``disconnected``
         (``Request.is_disconnected``) is polled meanwhile: nobody will read a long answer whose
@@ -241,12 +275,13 @@ class GenerationService:
                 elif isinstance(event, Finished):
                     finishes.append(event)
                     choices[event.index].finish_reason = event.finish_reason
+                    choices[event.index].stop_sequence = event.stop_sequence
                     if len(finishes) < request.n:
                         continue
                     for choice, texts in zip(choices, parts, strict=True):
                         choice.text = "".join(texts)
-                    usage = self.record(finishes, route=route, tenant=tenant)
-                    return Outcome(choices, usage)
+                    usage = self.record(finishes, route=route, tenant=tenant, cache_key=cache_key)
+                    return Outcome(choices, usage, merge_finished(finishes).usage)
         except EngineClosed as exc:
             raise overloaded(exc) from None
         finally:
@@ -255,7 +290,9 @@ class GenerationService:
                 watcher.cancel()
         raise ServiceUnavailable("Generation stopped before it finished.", code="generation_aborted")
 
-    def record(self, finishes: Sequence[Finished], *, route: str, tenant: str) -> Usage:
+    def record(
+        self, finishes: Sequence[Finished], *, route: str, tenant: str, cache_key: str | None = None
+    ) -> Usage:
         """Count a finished generation (all its choices) in the metrics and the request log;
         returns its usage."""
         finished = merge_finished(finishes)
@@ -281,6 +318,7 @@ class GenerationService:
                 miss_block=report.miss_block,
                 ttft_ms=round(report.ttft_s * 1000, 3) if report.ttft_s is not None else None,
                 finish_reason=finished.finish_reason,
+                cache_key=cache_key,
             )
         )
         return usage_from(finished)

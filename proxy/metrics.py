@@ -72,6 +72,21 @@ class _EngineCollector(Collector):
         return iter(())
 
 
+class _PinCollector(Collector):
+    """Bytes held in memory by pins (cache breakpoints), read at scrape time."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "kvproxy_pinned_bytes", "Memory-tier bytes kept by pins until their TTL", value=self._read()
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     """Every kvproxy metric, on its own registry."""
 
@@ -116,6 +131,10 @@ class Metrics:
     def watch_engine(self, read: Callable[[], tuple[int, int]]) -> None:
         """Report ``(running, waiting)`` from ``read()`` at every scrape."""
         self.registry.register(_EngineCollector(read))
+
+    def watch_pins(self, read: Callable[[], int]) -> None:
+        """Report ``kvproxy_pinned_bytes`` from ``read()`` at every scrape."""
+        self.registry.register(_PinCollector(read))
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """One forward step (called from the engine's thread; prometheus is thread-safe)."""

@@ -27,6 +27,8 @@ class RequestRecord:
     miss_block: int | None
     ttft_ms: float | None
     finish_reason: str
+    cache_key: str | None = None
+    """The client's ``prompt_cache_key`` (a routing hint; never widens sharing)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

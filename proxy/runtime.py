@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +38,8 @@ def store_options(settings: ServeSettings) -> StoreOptions:
         redis_cluster=settings.redis_cluster,
         store_timeout_ms=settings.store_timeout_ms,
         breaker_cooldown_s=settings.breaker_cooldown_s,
+        max_pinned_bytes=settings.pinned_bytes_cap,
+        pinned_tenant_fraction=settings.max_pinned_tenant_share,
     )
 
 
@@ -74,6 +78,10 @@ class Runtime:
             name: TierFigures(st.blocks, st.bytes, st.evictions) for name, st in self.tier_stats().items()
         }
 
+    def pinned_bytes(self) -> int:
+        pins = self.cache.pins if self.cache is not None else None
+        return pins.pinned_bytes() if pins is not None else 0
+
     def locked_blocks(self) -> int:
         return len(self.cache.trie.locked_blocks()) if self.cache is not None else 0
 
@@ -99,7 +107,7 @@ class Runtime:
         if self.cache is None:
             return {}
         outcomes = self.cache.store.clear_tiers()
-        self.cache.trie.clear()
+        self.cache.clear_index()
         return outcomes
 
     def drain(self, timeout_s: float) -> bool:
@@ -129,15 +137,19 @@ def build_runtime(
     metrics: Metrics | None,
     *,
     observer: StepObserver | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Runtime:
-    """Load the model and build its cache and engine (slow: run it off the event loop)."""
+    """Load the model and build its cache and engine (slow: run it off the event loop).
+    ``clock`` times pins (tests give their own)."""
     loaded = load_model(
         settings.model, device=settings.device, dtype=settings.dtype, max_context=settings.max_context
     )
     cache: PrefixCache | None = None
     if loaded.cacheable:
         store_observer = metrics.observe_store if metrics is not None else None
-        cache = build_prefix_cache(store_options(settings), settings.block_size, observer=store_observer)
+        cache = build_prefix_cache(
+            store_options(settings), settings.block_size, observer=store_observer, clock=clock
+        )
     else:
         log.warning("prefix caching is off for %s: %s", settings.model_name, loaded.cache_reason)
     engine = Engine(

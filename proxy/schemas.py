@@ -233,6 +233,11 @@ class SamplingRequest(_Request):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None
     cache_salt: Text | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    """Keep this prompt's prefix in memory: ``in_memory`` for 10 minutes, ``24h`` for a day,
+    refreshed whenever a request reads it (a pin of the caller's tenant)."""
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    """A routing hint, kept in the request log; it never widens sharing beyond the tenant."""
 
     @field_validator(
         "temperature", "top_p", "top_k", "n", "stream", "frequency_penalty", "presence_penalty", mode="before"
@@ -399,5 +404,17 @@ class WarmupItem(_Request):
 
 class WarmupRequest(_Request):
     items: list[WarmupItem] = Field(min_length=1, max_length=10_000)
+    tenant: str | None = Field(default=None, min_length=1, max_length=256)
+    cache_salt: Text | None = Field(default=None, max_length=1024)
+
+
+PIN_TTL_MAX_S = 7 * 24 * 3600
+
+
+class PinCreateRequest(WarmupItem):
+    """``POST /v1/cache/pins``: prefill a prompt (or a conversation) and keep its prefix in memory
+    for ``ttl_s`` seconds, refreshed on every hit, for ``tenant`` (default: the caller's)."""
+
+    ttl_s: float = Field(gt=0, le=PIN_TTL_MAX_S)
     tenant: str | None = Field(default=None, min_length=1, max_length=256)
     cache_salt: Text | None = Field(default=None, max_length=1024)

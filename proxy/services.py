@@ -48,6 +48,8 @@ class Services:
     """Set by ``kvproxy serve``, which owns its process: once the model is loaded, freeze the
     loaded objects out of the GC's way and fault in this much heap (``model_runner.host_memory``).
     ``None`` (an app built inside another process, e.g. a test) leaves the process alone."""
+    clock: Callable[[], float] = time.monotonic
+    """Times the pins' TTLs (an in-process test gives its own to expire them without sleeping)."""
     _loader: threading.Thread | None = None
 
     @classmethod
@@ -62,7 +64,9 @@ class Services:
 
     def _load(self) -> None:
         try:
-            runtime = build_runtime(self.settings, self.metrics, observer=self._observe_step)
+            runtime = build_runtime(
+                self.settings, self.metrics, observer=self._observe_step, clock=self.clock
+            )
         except Exception as exc:
             # A LoadError's message says it all; anything else is a bug worth its traceback.
             log.error(
@@ -82,8 +86,10 @@ class Services:
             default_max_tokens=self.settings.default_max_tokens,
             block_size=self.settings.block_size,
             history_warming=not self.settings.no_history_warming,
+            keep_billing_header=self.settings.keep_billing_header,
         )
         self.metrics.watch_tiers(runtime.tier_figures)
+        self.metrics.watch_pins(runtime.pinned_bytes)
         self.metrics.watch_engine(lambda: _running_waiting(runtime))
         runtime.engine.start()
         if self.host_reserve_bytes is not None:
@@ -112,6 +118,14 @@ class Services:
         if runtime is None or generation is None:
             raise ServiceUnavailable("The model is still loading.", code="model_loading", retry_after_s=2)
         return runtime, generation
+
+    def sweep_pins(self) -> int:
+        """Drop the pins whose TTL has passed (the server calls this periodically; every pin
+        call checks expiry too)."""
+        runtime = self.runtime
+        if runtime is None or runtime.cache is None or runtime.cache.pins is None:
+            return 0
+        return runtime.cache.pins.sweep()
 
     def close(self, *, grace_s: float = 10.0, drain_s: float = 10.0) -> None:
         """SIGTERM path: stop taking work, let running requests finish (bounded), drain the

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model_runner.paths import default_cache_dir
 
@@ -101,7 +101,8 @@ class ServeSettings(BaseSettings):
     )
 
     model: str | None = Field(default=None, description="HF model id or path; none serves `demo`")
-    served_model_name: str | None = None
+    served_model_name: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Names clients may send for the one served model (aliases: agents hard-code theirs)."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     block_size: int = Field(default=64, ge=1, le=65536)
@@ -126,6 +127,11 @@ class ServeSettings(BaseSettings):
     max_batch: int | None = Field(default=None, ge=1, le=4096)
     max_batch_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     kv_budget_bytes: Annotated[int, BeforeValidator(parse_size), Field(ge=1)] | None = None
+    max_pinned_bytes: Size | None = None
+    """What cache breakpoints and pins may hold in memory (default: half of --memory-bytes)."""
+    max_pinned_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    """The share of --max-pinned-bytes one tenant's pins may take."""
+    keep_billing_header: bool = False
 
     @field_validator("redis_url")
     @classmethod
@@ -147,10 +153,29 @@ class ServeSettings(BaseSettings):
             raise ValueError("must not contain glob characters (* ? [ ])")
         return value
 
-    @field_validator("model", "served_model_name")
+    @field_validator("model")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value: str | list[str] | None) -> list[str]:
+        # One flag per name on the command line; a comma-separated list in the environment.
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else list(value)
+        names = [name.strip() for item in items for name in str(item).split(",")]
+        return list(dict.fromkeys(name for name in names if name))
+
+    @model_validator(mode="after")
+    def _check_pinned_bytes(self) -> ServeSettings:
+        if self.max_pinned_bytes is not None and self.max_pinned_bytes > self.memory_bytes:
+            raise ValueError(
+                f"max_pinned_bytes ({format_size(self.max_pinned_bytes)}) cannot exceed memory_bytes "
+                f"({format_size(self.memory_bytes)}): pins live in the memory tier"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_api_keys_file(self) -> ServeSettings:
@@ -160,8 +185,17 @@ class ServeSettings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The id clients must send: ``--served-model-name``, else ``--model`` as given."""
-        return self.served_model_name or self.model or "demo"
+        """The served model's id: the first ``--served-model-name``, else ``--model`` as given."""
+        return self.served_model_names[0]
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name a request may use for the model (``--served-model-name`` may repeat)."""
+        return tuple(self.served_model_name) or (self.model or "demo",)
+
+    @property
+    def pinned_bytes_cap(self) -> int:
+        return self.memory_bytes // 2 if self.max_pinned_bytes is None else self.max_pinned_bytes
 
     @property
     def tiers(self) -> list[str]:

@@ -49,6 +49,7 @@ class StreamMeta:
     route: str
     tenant: str
     choices: int = 1
+    cache_key: str | None = None
 
 
 class ChatEncoder:
@@ -159,7 +160,9 @@ async def stream_sse(
                     yield chunk
                 if len(finishes) < meta.choices:
                     continue
-                usage = generation.record(finishes, route=meta.route, tenant=meta.tenant)
+                usage = generation.record(
+                    finishes, route=meta.route, tenant=meta.tenant, cache_key=meta.cache_key
+                )
                 if meta.include_usage:
                     yield encoder.usage(usage)
                 if on_done is not None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from model_runner.engine import Engine, EngineClosed, Handle, QueueFull
-from model_runner.records import Failed, Finished, GenerationRequest, TextDelta, WarmupResult
+from model_runner.records import Failed, Finished, GenerationRequest, PinRequest, TextDelta, WarmupResult
 
 __all__ = ["EngineClosed", "JobStream", "QueueFull", "on_engine", "open_stream", "start_warmup", "warmup"]
 
@@ -85,18 +85,33 @@ def open_stream(engine: Engine, request: GenerationRequest) -> JobStream[TextDel
 
 
 def start_warmup(
-    engine: Engine, prompt_ids: Sequence[int], *, tenant: str, cache_salt: str
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    *,
+    tenant: str,
+    cache_salt: str,
+    pins: tuple[PinRequest, ...] = (),
 ) -> JobStream[WarmupResult]:
     """Queue a warmup now (raises ``QueueFull`` / ``EngineClosed`` at once); iterate the stream
     for its one ``WarmupResult``."""
     stream: JobStream[WarmupResult] = JobStream(asyncio.get_running_loop())
-    stream.attach(engine.submit_warmup(prompt_ids, stream.deliver, tenant=tenant, cache_salt=cache_salt))
+    stream.attach(
+        engine.submit_warmup(prompt_ids, stream.deliver, tenant=tenant, cache_salt=cache_salt, pins=pins)
+    )
     return stream
 
 
-async def warmup(engine: Engine, prompt_ids: Sequence[int], *, tenant: str, cache_salt: str) -> WarmupResult:
-    """Prefill and store one prompt through the engine's scheduler (it shares the batch)."""
-    stream = start_warmup(engine, prompt_ids, tenant=tenant, cache_salt=cache_salt)
+async def warmup(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    *,
+    tenant: str,
+    cache_salt: str,
+    pins: tuple[PinRequest, ...] = (),
+) -> WarmupResult:
+    """Prefill and store one prompt through the engine's scheduler (it shares the batch), then
+    make ``pins``."""
+    stream = start_warmup(engine, prompt_ids, tenant=tenant, cache_salt=cache_salt, pins=pins)
     async for result in stream:
         return result
     raise EngineClosed("the warmup ended without a result")

@@ -101,7 +101,7 @@ async def warmup(
                 param=f"items[{index}]",
                 code="context_length_exceeded",
             )
-        result = await _queued(
+        result = await queued(
             lambda ids=ids: engine_warmup(generation.engine, ids, tenant=tenant, cache_salt=salt)
         )
         for name, value in runtime.warmup_figures(result).items():
@@ -116,7 +116,7 @@ async def warmup(
     }
 
 
-async def _queued(work: Callable[[], Awaitable[R]]) -> R:
+async def queued(work: Callable[[], Awaitable[R]]) -> R:
     """Warmup shares the batch with live traffic: wait for a queue slot rather than fail."""
     deadline = time.monotonic() + _QUEUE_RETRY_S
     while True:

@@ -26,7 +26,7 @@ SSE_HEADERS: Mapping[str, str] = MappingProxyType({"Cache-Control": "no-cache", 
 
 
 def check_model(services: ServicesDep, model: str) -> None:
-    if model != services.settings.model_name:
+    if model not in services.settings.served_model_names:
         raise ModelNotFound(f"The model '{model[:200]}' does not exist on this server.", param="model")
 
 
@@ -52,7 +52,14 @@ async def chat_completions(
     created = int(time.time())
     if body.stream:
         meta = StreamMeta(
-            completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant, body.n
+            completion_id,
+            created,
+            body.model,
+            body.include_usage,
+            ROUTE,
+            principal.tenant,
+            body.n,
+            body.prompt_cache_key,
         )
         stream = generation.start(request)
 
@@ -66,7 +73,11 @@ async def chat_completions(
             headers=dict(SSE_HEADERS),
         )
     outcome = await generation.run(
-        request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
+        request,
+        route=ROUTE,
+        tenant=principal.tenant,
+        disconnected=http_request.is_disconnected,
+        cache_key=body.prompt_cache_key,
     )
     choices = []
     for result, output in zip(outcome.choices, outputs, strict=True):

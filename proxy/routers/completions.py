@@ -37,7 +37,14 @@ async def completions(
     formatter = generation.logprobs if logprobs else None
     if body.stream:
         meta = StreamMeta(
-            completion_id, created, body.model, body.include_usage, ROUTE, principal.tenant, body.n
+            completion_id,
+            created,
+            body.model,
+            body.include_usage,
+            ROUTE,
+            principal.tenant,
+            body.n,
+            body.prompt_cache_key,
         )
         stream = generation.start(request)
         return StreamingResponse(
@@ -46,7 +53,11 @@ async def completions(
             headers=dict(SSE_HEADERS),
         )
     outcome = await generation.run(
-        request, route=ROUTE, tenant=principal.tenant, disconnected=http_request.is_disconnected
+        request,
+        route=ROUTE,
+        tenant=principal.tenant,
+        disconnected=http_request.is_disconnected,
+        cache_key=body.prompt_cache_key,
     )
     choices = [
         CompletionChoice(

@@ -11,17 +11,18 @@ from proxy.responses import ModelCard, ModelList
 router = APIRouter()
 
 
-def _card(services: ServicesDep) -> ModelCard:
-    return ModelCard(id=services.settings.model_name, created=int(services.started_at))
+def _card(services: ServicesDep, name: str) -> ModelCard:
+    return ModelCard(id=name, created=int(services.started_at))
 
 
 @router.get("/v1/models")
 async def list_models(_: PrincipalDep, services: ServicesDep) -> ModelList:
-    return ModelList(data=[_card(services)])
+    """The served model under each of its names (``--served-model-name`` aliases)."""
+    return ModelList(data=[_card(services, name) for name in services.settings.served_model_names])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, _: PrincipalDep, services: ServicesDep) -> ModelCard:
-    if model_id != services.settings.model_name:
+    if model_id not in services.settings.served_model_names:
         raise ModelNotFound(f"The model '{model_id[:200]}' does not exist on this server.", param="model")
-    return _card(services)
+    return _card(services, model_id)
