@@ -1,4 +1,4 @@
-"""The ``kvproxy`` command: serve, warmup, stats, flush.
+"""The ``kvproxy`` command: serve, warmup, stats, flush, pins, pin, unpin.
 
 Serve options are generated from ``ServeSettings`` so the flags, the ``KVPROXY_*`` variables and
 the settings can never disagree. Only flags the user actually gave are passed on, so a flag beats
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -137,10 +138,56 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_options(warm, STORE_OPTIONS)
 
     for name, text in (("stats", "show the server's cache figures"), ("flush", "empty every tier")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--server", default=DEFAULT_SERVER, help=f"server URL (default {DEFAULT_SERVER})")
-        p.add_argument("--api-key", default=None, help="admin key [env KVPROXY_API_KEY]")
+        add_server_options(sub.add_parser(name, help=text))
+
+    pins = sub.add_parser("pins", help="list the pinned prefixes of every tenant")
+    pins.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+    add_server_options(pins)
+
+    pin = sub.add_parser("pin", help="prefill prompts and keep them in memory until a TTL passes")
+    pin.add_argument("files", nargs="*", metavar="FILE", help="JSONL ({prompt} / {messages}) or text")
+    pin.add_argument("--prompt", default=None, metavar="TEXT", help="pin this text (as well as any FILE)")
+    pin.add_argument(
+        "--ttl",
+        required=True,
+        type=parse_duration,
+        metavar="DURATION",
+        help="how long each pin lasts, refreshed on every hit: seconds or 90s, 5m, 1h, 24h, 1h30m",
+    )
+    pin.add_argument("--tenant", default=None, help="tenant the pins belong to (default: the key's)")
+    pin.add_argument("--cache-salt", default=None, help="cache_salt the prompts are cached under")
+    add_server_options(pin)
+
+    unpin = sub.add_parser("unpin", help="drop pins (their blocks stay cached, evictable again)")
+    unpin.add_argument("ids", nargs="+", metavar="ID", help="a pin id as `kvproxy pins` shows it, or more")
+    add_server_options(unpin)
     return parser
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=DEFAULT_SERVER, help=f"server URL (default {DEFAULT_SERVER})")
+    parser.add_argument("--api-key", default=None, help="admin key [env KVPROXY_API_KEY]")
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = MappingProxyType({"s": 1, "m": 60, "h": 3600, "d": 86400})
+
+
+def parse_duration(text: str) -> float:
+    """``300`` / ``90s`` / ``5m`` / ``1h30m`` / ``7d`` -> seconds (argparse's ``type`` for --ttl).
+    The upper bound is the server's to enforce (its 400 names it)."""
+    spec = text.strip().lower()
+    try:
+        seconds = float(spec)
+    except ValueError:
+        if not spec or _DURATION_PART.sub("", spec):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a duration: use seconds or a number with s, m, h or d (5m, 1h30m)"
+            ) from None
+        seconds = sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(spec))
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return seconds
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -207,16 +254,32 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per admin request is noise here
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)
-        from proxy import cli_client, cli_warmup  # only the subcommand in use pays for its imports
-
         if args.command == "warmup":
+            from proxy import cli_warmup  # the request schemas, and torch with them: warmup only
+
             return cli_warmup.run(args, api_key=_api_key(args))
+        from proxy import cli_client
+
         if args.command == "stats":
             return cli_client.stats(args.server, _api_key(args))
+        if args.command == "pins":
+            return cli_client.pins(args.server, _api_key(args), as_json=args.json)
+        if args.command == "pin":
+            return cli_client.pin(
+                args.server,
+                _api_key(args),
+                cli_client.pin_sources(args.files, args.prompt),
+                ttl_s=args.ttl,
+                tenant=args.tenant,
+                cache_salt=args.cache_salt,
+            )
+        if args.command == "unpin":
+            return cli_client.unpin(args.server, _api_key(args), args.ids)
         return cli_client.flush(args.server, _api_key(args))
     except ValidationError as exc:
         print(f"kvproxy: {settings_error(exc)}", file=sys.stderr)

@@ -1,11 +1,17 @@
-"""``kvproxy stats`` and ``kvproxy flush``: talk to a running server's admin routes."""
+"""``kvproxy stats``, ``flush``, ``pins``, ``pin`` and ``unpin``: talk to a running server's admin
+routes."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from proxy.settings import format_size
@@ -13,6 +19,16 @@ from proxy.settings import format_size
 
 class CliError(Exception):
     """A failure the CLI reports in one line (no traceback)."""
+
+
+class ServerRefused(CliError):
+    """The server answered an HTTP error: its ``status`` and ``message`` are kept for a command that
+    reports one refusal and goes on (a prompt that cannot be pinned among several)."""
+
+    def __init__(self, text: str, *, status: int, message: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.message = message
 
 
 def admin_request(
@@ -30,7 +46,11 @@ def admin_request(
         except (ValueError, KeyError, TypeError):
             message = response.text[:200]
         hint = " (pass --api-key or set KVPROXY_API_KEY)" if response.status_code in (401, 403) else ""
-        raise CliError(f"{method} {path}: HTTP {response.status_code}: {message}{hint}")
+        raise ServerRefused(
+            f"{method} {path}: HTTP {response.status_code}: {message}{hint}",
+            status=response.status_code,
+            message=str(message),
+        )
     return response.json()
 
 
@@ -140,3 +160,167 @@ def flush(server: str, api_key: str | None) -> int:
         console.print(f"[red]not flushed: {', '.join(failed)} failed; its blocks may remain[/red]")
         return 1
     return 0
+
+
+# "pin_" and 12 hex digits of the pin's last block hash: unique among any realistic set of pins, and
+# `unpin` takes any unique prefix of an id.
+SHORT_PIN_ID = 16
+
+
+@dataclass(frozen=True)
+class PinInputs:
+    """What ``kvproxy pin`` sends: ``(where, body)`` per prompt, and the inputs it could not read."""
+
+    items: tuple[tuple[str, dict[str, Any]], ...]
+    problems: tuple[str, ...]
+
+
+def pin_sources(files: Sequence[str], prompt: str | None) -> PinInputs:
+    """The prompts of ``files`` (read as ``kvproxy warmup`` reads them) and ``--prompt``."""
+    items: list[tuple[str, dict[str, Any]]] = []
+    problems: list[str] = []
+    if files:
+        from proxy.cli_warmup import read_items  # pulls in the request schemas (and torch)
+
+        for sourced in read_items([Path(f) for f in files], problems):
+            items.append((sourced.where, sourced.item.model_dump(exclude_none=True)))
+    if prompt is not None:
+        items.append(("--prompt", {"prompt": prompt}))
+    if not items and not problems:
+        raise CliError("nothing to pin: give FILE... or --prompt TEXT")
+    return PinInputs(tuple(items), tuple(problems))
+
+
+def format_duration(seconds: float) -> str:
+    """``299.4`` -> ``"4m 59s"``, ``300`` -> ``"5m"``: the two largest units, a zero second one left out."""
+    s = max(0, int(seconds))
+    for big, big_s, small, small_s in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= big_s:
+            rest = s % big_s // small_s
+            return f"{s // big_s}{big}" + (f" {rest}{small}" if rest else "")
+    return f"{s}s"
+
+
+def pin_total(listing: dict[str, Any]) -> str:
+    count = len(listing.get("pins", []))
+    pins = f"{count} pin" + ("" if count == 1 else "s")
+    limit = listing.get("max_pinned_bytes", 0)
+    if not limit:
+        return f"{pins}: pinning is off on this server (--max-pinned-bytes 0, or no prefix cache)"
+    return (
+        f"{pins}: {format_size(listing.get('pinned_bytes', 0))} pinned of {format_size(limit)} "
+        f"(at most {format_size(listing.get('tenant_max_bytes', 0))} per tenant)"
+    )
+
+
+def render_pins(listing: dict[str, Any], console: Console) -> None:
+    pinned = sorted(listing.get("pins", []), key=lambda p: (p["tenant"], p["expires_in_s"]))
+    if pinned:
+        table = Table(title="pins", title_justify="left")
+        table.add_column("id", no_wrap=True)
+        for col in ("tenant", "source"):
+            table.add_column(col, overflow="fold")  # wrapped when narrow, never cut short
+        for col in ("tokens", "bytes", "expires in", "hits"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for p in pinned:
+            table.add_row(
+                p["id"][:SHORT_PIN_ID],
+                escape(p["tenant"]),
+                p["source"],
+                f"{p['tokens']:,}",
+                format_size(p["bytes"]),
+                format_duration(p["expires_in_s"]),
+                str(p["hits"]),
+            )
+        console.print(table)
+    else:
+        console.print("no pins")
+    console.print(pin_total(listing))
+
+
+def pins(server: str, api_key: str | None, *, as_json: bool = False) -> int:
+    listing = admin_request("GET", server, api_key, "/v1/cache/pins")
+    if as_json:
+        print(json.dumps(listing, indent=2))
+    else:
+        render_pins(listing, Console())
+    return 0
+
+
+def pin(
+    server: str,
+    api_key: str | None,
+    inputs: PinInputs,
+    *,
+    ttl_s: float,
+    tenant: str | None = None,
+    cache_salt: str | None = None,
+) -> int:
+    """Pin each prompt; 1 when any input was unreadable or refused (the others are still pinned)."""
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    for problem in inputs.problems:
+        err.print(f"[yellow]skipped[/] {escape(problem)}")
+    extra: dict[str, Any] = {"ttl_s": ttl_s}
+    if tenant:
+        extra["tenant"] = tenant
+    if cache_salt:
+        extra["cache_salt"] = cache_salt
+    made, tokens, nbytes = 0, 0, 0
+    for where, body in inputs.items:
+        try:
+            result = admin_request(
+                "POST", server, api_key, "/v1/cache/pins", json={**body, **extra}, timeout=600.0
+            )
+        except ServerRefused as exc:
+            if exc.status not in (400, 409, 413):  # about this prompt; anything else stops the run
+                raise
+            err.print(f"[red]not pinned[/] {escape(where)}: {escape(exc.message)}")
+            continue
+        p = result["pin"]
+        made, tokens, nbytes = made + 1, tokens + p["tokens"], nbytes + p["bytes"]
+        fresh = "" if result.get("blocks_written") else ", already cached"
+        out.print(
+            f"pinned [bold]{p['id']}[/]  {escape(where)}: tenant {escape(p['tenant'])}, "
+            f"{p['tokens']:,} tokens in {p['blocks']} blocks, {format_size(p['bytes'])}, "
+            f"expires in {format_duration(p['expires_in_s'])}{fresh}"
+        )
+        if result.get("yielded"):
+            out.print(f"  released to make room: {', '.join(result['yielded'])}")
+    failed = len(inputs.items) - made + len(inputs.problems)
+    out.print(f"pinned {made} of {made + failed}: {tokens:,} tokens, {format_size(nbytes)}")
+    return 1 if failed else 0
+
+
+def resolve_pin_id(given: str, listing: dict[str, Any]) -> str:
+    """The id of the one pin ``given`` names: the whole id, or a prefix of it (``pin_`` optional)."""
+    ids = [p["id"] for p in listing.get("pins", [])]
+    if given in ids:
+        return given
+    matches = [i for i in ids if i.startswith(given) or i.startswith("pin_" + given)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise CliError(f"no pin {given!r} (it may have expired; `kvproxy pins` lists them)")
+    raise CliError(f"{given!r} names {len(matches)} pins ({', '.join(matches)}): give more of the id")
+
+
+def unpin(server: str, api_key: str | None, given: Sequence[str]) -> int:
+    # Every id is resolved before anything is dropped: a typo in the second drops nothing.
+    listing = admin_request("GET", server, api_key, "/v1/cache/pins")
+    ids = [resolve_pin_id(g, listing) for g in given]
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    gone = 0
+    for pin_id in ids:
+        try:
+            p = admin_request("DELETE", server, api_key, f"/v1/cache/pins/{pin_id}")["deleted"]
+        except ServerRefused as exc:
+            if exc.status != 404:
+                raise
+            err.print(f"[red]not unpinned[/] {pin_id}: {escape(exc.message)}")
+            continue
+        gone += 1
+        out.print(
+            f"unpinned {p['id']}: tenant {escape(p['tenant'])}, {p['tokens']:,} tokens, "
+            f"{format_size(p['bytes'])} (its blocks stay cached, evictable again)"
+        )
+    return 0 if gone == len(ids) else 1

@@ -2,7 +2,9 @@
 traffic it shows the same hit rate as /v1/cache/stats, and its chart gains points as traffic
 continues, without a reload; its batch panel shows the running and waiting requests, tokens per
 step and output tokens per second that /v1/cache/stats reported to it, and says when admission
-waits on the K/V budget or requests run one at a time. Saves artifacts/dashboard.png."""
+waits on the K/V budget or requests run one at a time; its pins panel lists a pin made through
+the API with its tenant and tokens, and the pinned bytes the kvproxy_pinned_bytes gauge reports.
+Saves artifacts/dashboard.png (and -kv-full, -pins)."""
 
 from __future__ import annotations
 
@@ -79,6 +81,11 @@ def wait_idle(server: LiveServer, timeout_s: float = 10.0) -> dict:
 
 def capture_stats(page: Page, edit: Callable[[dict], None] | None = None) -> list[dict]:
     """Every /v1/cache/stats answer the page gets, as the server gave it (then ``edit``ed)."""
+    return capture(page, "**/v1/cache/stats", edit)
+
+
+def capture(page: Page, pattern: str, edit: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every answer to requests matching ``pattern`` the page gets (then ``edit``ed)."""
     seen: list[dict] = []
 
     def handle(route: Route) -> None:
@@ -89,8 +96,25 @@ def capture_stats(page: Page, edit: Callable[[dict], None] | None = None) -> lis
         seen.append(body)
         route.fulfill(response=response, json=body)
 
-    page.route("**/v1/cache/stats", handle)
+    page.route(pattern, handle)
     return seen
+
+
+def js_bytes(n: int) -> str:
+    """The page's ``bytes(n)``: 1024-based units, one decimal above bytes."""
+    if not n:
+        return "0 B"
+    units, value, i = ["B", "KiB", "MiB", "GiB", "TiB"], float(n), 0
+    while value >= 1024 and i < len(units) - 1:
+        value, i = value / 1024, i + 1
+    return f"{fixed1(value) if i else n} {units[i]}"
+
+
+def pinned_bytes_gauge(server: LiveServer) -> int:
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("kvproxy_pinned_bytes "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no kvproxy_pinned_bytes in /metrics")
 
 
 def open_once(
@@ -157,6 +181,10 @@ def test_dashboard_asks_for_an_admin_key(browser: Browser, session_server_factor
     page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
     assert page.evaluate("sessionStorage.getItem('kvproxy.apiKey')") == "sk-admin-0123456789"
     assert not page.is_visible("#auth")
+    # The pins were fetched with the same key: the empty state, not an HTTP 401.
+    assert page.get_attribute("#pins", "data-count") == "0"
+    assert page.text_content("#pins-table tbody") == "no pins"
+    assert page.text_content("#pins-count") == "0 pins"
     page.close()
 
 
@@ -224,3 +252,38 @@ def test_dashboard_says_when_admission_waits_and_requests_run_alone(
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-kv-full.png"), full_page=True)
     page.close()
+
+
+def test_dashboard_lists_pins(server: LiveServer, browser: Browser) -> None:
+    tenant = "dash-pins"
+    resp = httpx.post(
+        server.url + "/v1/cache/pins",
+        json={"prompt": text(seed=94, words=90), "ttl_s": 300, "tenant": tenant, "cache_salt": salt()},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    made = resp.json()["pin"]
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        seen = capture(page, "**/v1/cache/pins")
+        page.goto(server.url + "/dashboard?interval=600000")
+        page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
+        assert len(seen) == 1
+        shown = seen[0]
+        row = page.locator(f"#pins-table tbody tr[data-pin-id='{made['id']}']")
+        assert row.count() == 1
+        assert row.locator("[data-field='tenant']").text_content() == tenant
+        assert row.locator("[data-field='tokens']").text_content() == f"{made['tokens']:,}"
+        assert row.locator("[data-field='bytes']").text_content() == js_bytes(made["bytes"])
+        assert page.locator("#pins-table tbody tr[data-pin-id]").count() == len(shown["pins"])
+        # The pinned bytes of the max: what the page was given, and what the gauge says.
+        used, limit = shown["pinned_bytes"], shown["max_pinned_bytes"]
+        assert used >= made["bytes"] and limit > 0
+        assert page.get_attribute("#pins", "data-pinned-bytes") == str(used)
+        assert used == pinned_bytes_gauge(server)
+        assert page.text_content("#pins-bytes") == f"{js_bytes(used)} / {js_bytes(limit)}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#pins").screenshot(path=str(ARTIFACTS / "dashboard-pins.png"))
+        page.close()
+    finally:
+        httpx.delete(server.url + f"/v1/cache/pins/{made['id']}", timeout=10)
