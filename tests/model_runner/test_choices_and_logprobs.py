@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -266,6 +267,10 @@ def test_cancelling_an_n_request_ends_every_choice(llama: LoadedModel) -> None:
         handle.cancel()
         assert all_done.wait(30)
         assert {e.finish_reason for e in finished.values()} <= {"cancelled", "stop"}
+        # The events go out during a step; the loop publishes its figures at the end of its turn.
+        deadline = time.monotonic() + 10
+        while engine.stats().scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.stats().scheduler.kv_used_bytes == 0
         assert engine.stats().scheduler.running == 0
     finally:
