@@ -144,6 +144,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked before it already reach top_p (the first always stays).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        # A top_p below float32's smallest value rounds to 0 in the comparison: keep the first anyway.
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     return logits

@@ -86,3 +86,14 @@ def test_temperature_spreads_choices() -> None:
 def test_invalid_params(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-300])
+def test_a_top_p_that_float32_cannot_hold_keeps_the_most_likely_token(top_p: float) -> None:
+    """Found by fuzzing /v1/messages: a subnormal top_p rounded to 0 in float32 dropped every
+    token, and sampling from all -inf raised (a 500)."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0])
+    kept = filter_logits(logits, 0, top_p)
+    assert torch.isfinite(kept).tolist() == [False, True, False, False]
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+    assert sample_next(logits, params, torch.Generator().manual_seed(0)) == 1
