@@ -127,7 +127,8 @@ def test_fuzz_openapi_no_5xx(server: LiveServer) -> None:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             fuzz.fuzz(operation, mode, examples)
     print(f"fuzz: {fuzz.calls} calls in {time.monotonic() - started:.1f}s, statuses {dict(fuzz.statuses)}")
-    assert not fuzz.problems, [p for p in fuzz.problems if " 5" in p[:80] or "500" in p][:5] + fuzz.problems[:5]
+    server_errors = [p for p in fuzz.problems if "): 5" in p]
+    assert not fuzz.problems, server_errors[:5] + fuzz.problems[:5]
     assert fuzz.calls >= 50, f"only {fuzz.calls} fuzz calls ran"
     assert fuzz.statuses[200] >= 10, "the fuzzer never got a request through to the model"
     assert server.proc is not None and server.proc.poll() is None, "the server died"
