@@ -211,6 +211,14 @@ class ChatTemplate:
         """Token ids of rendered text; the template wrote its own special tokens (BOS too, if any)."""
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[int] | None]:
+        """``tokenize(text)`` and each token's end offset in ``text`` (``None`` when the tokenizer
+        is not a fast one and cannot tell)."""
+        if not getattr(self._tokenizer, "is_fast", False):
+            return self.tokenize(text), None
+        encoded = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [int(end) for _, end in encoded["offset_mapping"]]
+
     def encode(
         self,
         messages: Sequence[Mapping[str, Any]],

@@ -41,6 +41,8 @@ _ROLES = {"developer": "system", "function": "tool"}
 class ChatPlan:
     prompt_ids: list[int]
     prompt_text: str
+    token_ends: list[int] | None = None
+    """Each prompt token's end offset in ``prompt_text``, when asked for (and the tokenizer can)."""
     constraint: Constraint | None = None
     tools: list[dict[str, Any]] | None = None
     """The tools as the template and the parser take them (``{"type": "function", "function": ...}``)."""
@@ -60,9 +62,16 @@ class ChatPlanner:
         self._compiler = compiler
         self._parsers = parsers
 
-    def plan(self, body: ChatCompletionRequest, variables: Mapping[str, Any] | None = None) -> ChatPlan:
+    def plan(
+        self,
+        body: ChatCompletionRequest,
+        variables: Mapping[str, Any] | None = None,
+        *,
+        offsets: bool = False,
+    ) -> ChatPlan:
         """Render and tokenize the prompt and build its constraint; raises ``InvalidRequest``.
-        ``variables``: template variables the caller chose (e.g. ``enable_thinking``)."""
+        ``variables``: template variables the caller chose (e.g. ``enable_thinking``);
+        ``offsets``: also note where each token ends in the text (``ChatPlan.token_ends``)."""
         tools, choice, legacy = _tools_of(body)
         if tools and not self.template.supports_tools:
             raise InvalidRequest(
@@ -77,11 +86,16 @@ class ChatPlanner:
             _check_schema(tool["function"].get("parameters"), f"tools[{i}].function.parameters")
         variables = self._variables(body, variables)
         text = self._render(body, tools, variables)
-        prompt_ids = self.template.tokenize(text)
+        token_ends = None
+        if offsets:
+            prompt_ids, token_ends = self.template.tokenize_with_offsets(text)
+        else:
+            prompt_ids = self.template.tokenize(text)
         parse_tools = bool(tools) and choice != "none"
         plan = ChatPlan(
             prompt_ids=prompt_ids,
             prompt_text=text,
+            token_ends=token_ends,
             tools=tools or None,
             parse_tools=parse_tools,
             parallel_tool_calls=body.parallel_tool_calls is not False,
@@ -123,8 +137,12 @@ class ChatPlanner:
     ) -> list[int]:
         """The rendered prompt's token ids alone (no constraint, no tool checks): for counting
         tokens and for finding where a cache breakpoint's prefix ends."""
+        return self.template.tokenize(self.prompt_text(body, variables))
+
+    def prompt_text(self, body: ChatCompletionRequest, variables: Mapping[str, Any] | None = None) -> str:
+        """The rendered prompt alone (no constraint, no tool checks)."""
         tools, _, _ = _tools_of(body)
-        return self.template.tokenize(self._render(body, tools, self._variables(body, variables)))
+        return self._render(body, tools, self._variables(body, variables))
 
     def _variables(self, body: ChatCompletionRequest, given: Mapping[str, Any] | None) -> dict[str, Any]:
         variables = {k: v for k, v in (given or {}).items() if self.template.accepts(k)}

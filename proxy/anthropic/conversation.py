@@ -16,7 +16,7 @@ only on what comes up to the breakpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,9 +217,14 @@ def _assistant(blocks: list[tuple[int, Any]], text: Any, name: Any) -> dict[str,
     return item
 
 
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+def shared_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (tokens, characters) ``a`` and ``b`` share: a binary search over
+    slice comparisons, which run in C (a Python loop over a 400k-character prompt takes ~30 ms)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
