@@ -82,6 +82,19 @@ class Runtime:
         pins = self.cache.pins if self.cache is not None else None
         return pins.pinned_bytes() if pins is not None else 0
 
+    def pin_summary(self) -> dict[str, int]:
+        """How many pins, the bytes they hold and the bounds (details: GET /v1/cache/pins)."""
+        pins = self.cache.pins if self.cache is not None else None
+        if pins is None:
+            return {"count": 0, "bytes": 0, "max_bytes": 0, "tenant_max_bytes": 0}
+        stats = pins.stats()
+        return {
+            "count": stats.pins,
+            "bytes": stats.bytes,
+            "max_bytes": stats.max_bytes,
+            "tenant_max_bytes": stats.tenant_max_bytes,
+        }
+
     def locked_blocks(self) -> int:
         return len(self.cache.trie.locked_blocks()) if self.cache is not None else 0
 

@@ -51,6 +51,7 @@ async def cache_stats(
         "uptime_s": round(time.time() - services.started_at, 1),
         "tiers": tier_json,
         "locked_blocks": runtime.locked_blocks(),
+        "pins": runtime.pin_summary(),
         "writer": runtime.writer_stats(),
         "queue": {
             "waiting": sched.waiting,

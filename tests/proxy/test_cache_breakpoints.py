@@ -122,6 +122,10 @@ def test_a_breakpoint_survives_pressure_until_its_ttl_passes(pressure_server: In
         system_blocks * BS,
     )
     assert pin["bytes"] == system_blocks * BLOCK_BYTES
+    stats = httpx.get(pressure_server.url + "/v1/cache/stats", timeout=10).json()["pins"]
+    assert (stats["count"], stats["bytes"]) == (1, pin["bytes"])
+    metrics = httpx.get(pressure_server.url + "/metrics", timeout=10).text
+    assert f"kvproxy_pinned_bytes {float(pin['bytes'])}" in metrics
 
     unpinned = "An unpinned control prompt that memory pressure must evict. " * 12
     ask(client, unpinned, "control")
