@@ -152,8 +152,9 @@ def loc_to_param(loc: Sequence[int | str]) -> str | None:
     for part in parts:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif "[" in str(part) or "function-" in str(part):
-            # pydantic names union branches ("str", "list[ContentPart]"); they are not fields.
+        elif "[" in str(part) or "function-" in str(part) or " " in str(part):
+            # pydantic names union branches ("str", "list[ContentPart]") and tagged-union tags
+            # ("text block"); they are not fields.
             continue
         else:
             param += f".{part}" if param else str(part)

@@ -140,6 +140,14 @@ def chat_body(
         else:
             messages.extend(_user(blocks, lambda k, v, m=m: text((2, m, k), v)))
     body: dict[str, Any] = {"model": conv.model, "messages": messages}
+    fmt = conv.json_format()
+    if fmt is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": fmt.schema_},
+        }
+    if conv.output_config is not None and conv.output_config.effort is not None:
+        body["reasoning_effort"] = conv.output_config.effort
     if tools:
         body["tools"] = tools
         choice = conv.tool_choice

@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from proxy.errors import InvalidRequest
 from proxy.schemas import Text
@@ -86,9 +95,20 @@ class RedactedThinkingBlock(_Model):
     data: str = ""
 
 
+def _block_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"{kind} block" if isinstance(kind, str) else None
+
+
+# Tagged "<type> block": a validation error's location then reads ("content", 0, "text block",
+# "text"), and ``proxy.errors.loc_to_param`` drops the tag (no field name has a space).
 ContentBlock = Annotated[
-    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
-    Field(discriminator="type"),
+    Annotated[TextBlock, Tag("text block")]
+    | Annotated[ToolUseBlock, Tag("tool_use block")]
+    | Annotated[ToolResultBlock, Tag("tool_result block")]
+    | Annotated[ThinkingBlock, Tag("thinking block")]
+    | Annotated[RedactedThinkingBlock, Tag("redacted_thinking block")],
+    Discriminator(_block_tag),
 ]
 _BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
 
@@ -146,7 +166,6 @@ _NOT_IMPLEMENTED: Mapping[str, tuple[Any, ...]] = MappingProxyType(
     {
         # field -> the values that leave the answer as it is
         "mcp_servers": (None, []),
-        "output_format": (None,),
         "context_management": (None,),
     }
 )
@@ -186,6 +205,10 @@ def refuse_not_implemented(data: Any) -> None:
     if isinstance(system, list):
         places += [(f"system.{j}", block) for j, block in enumerate(system)]
     for where, block in places:
+        if isinstance(block, dict) and not isinstance(block.get("type"), str):
+            raise InvalidRequest(
+                f"{where}.type: Field required (a content block names its type).", param=f"{where}.type"
+            )
         kind = block.get("type") if isinstance(block, dict) else None
         if kind in _BLOCKS_NOT_IMPLEMENTED or (isinstance(kind, str) and kind not in _BLOCK_TYPES):
             raise InvalidRequest(
@@ -193,6 +216,20 @@ def refuse_not_implemented(data: Any) -> None:
                 "server; send text.",
                 param=f"{where}.type",
             )
+
+
+class JsonOutputFormat(_Model):
+    """Structured outputs: the answer is JSON that validates against ``schema`` (enforced by
+    constrained decoding, as ``response_format`` on the OpenAI routes)."""
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Model):
+    format: JsonOutputFormat | None = None
+    effort: Literal["low", "medium", "high", "max"] | None = None
+    """Handed to the chat template as ``reasoning_effort`` when it reads that variable."""
 
 
 class _Conversation(_Model):
@@ -204,6 +241,9 @@ class _Conversation(_Model):
     thinking: Thinking | None = None
     cache_control: CacheControl | None = None
     """Automatic caching: a breakpoint on the last cacheable block."""
+    output_config: OutputConfig | None = None
+    output_format: JsonOutputFormat | None = None
+    """The structured-outputs beta's spelling of ``output_config.format``."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -231,7 +271,17 @@ class _Conversation(_Model):
             )
         if not any(m.blocks() for m in self.messages):
             raise InvalidRequest("messages: every message is empty.", param="messages")
+        if self.output_format is not None and self.output_config is not None and self.output_config.format:
+            raise InvalidRequest(
+                "output_format: send output_config.format or the older output_format, not both.",
+                param="output_format",
+            )
         return self
+
+    def json_format(self) -> JsonOutputFormat | None:
+        if self.output_config is not None and self.output_config.format is not None:
+            return self.output_config.format
+        return self.output_format
 
     def system_blocks(self) -> list[TextBlock]:
         if self.system is None:

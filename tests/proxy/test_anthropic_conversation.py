@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from model_runner.chat_template import ChatTemplate
@@ -19,7 +20,7 @@ from proxy.anthropic.conversation import breakpoints, chat_body
 from proxy.anthropic.plan import MessagesPlanner
 from proxy.anthropic.schemas import MessagesRequest
 from proxy.chat_plan import ChatPlanner
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, from_pydantic
 from tests.support.chat_templates import QWEN_TOOLS, with_template
 from tests.support.tiny_models import VOCAB, tiny_corpus
 
@@ -261,3 +262,36 @@ def test_a_system_breakpoint_covers_the_system_turn(tokenizer: PreTrainedTokeniz
     prefix = tokenizer.decode(plan.chat.prompt_ids[: placed.tokens])
     assert "Stable instructions." in prefix and "hello" not in prefix
     assert planned.count(req) == plan.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([{"type": "text", "text": ""}], "messages[0].content[0].text"),
+        ([{"type": "tool_use", "id": "x", "name": "n"}], "messages[0].content[0].input"),
+    ],
+)
+def test_schema_errors_name_the_field_not_the_union_tag(content: list[dict[str, Any]], param: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        request(messages=[{"role": "user", "content": content}])
+    assert from_pydantic(err.value).param == param
+
+
+def test_a_block_without_a_type_is_named() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        request(messages=[{"role": "user", "content": [{"text": "x"}]}])
+    assert err.value.param == "messages.0.content.0.type"
+
+
+def test_structured_output_becomes_the_chat_requests_response_format() -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    for fields in (
+        {"output_config": {"format": {"type": "json_schema", "schema": schema}, "effort": "low"}},
+        {"output_format": {"type": "json_schema", "schema": schema}},
+    ):
+        body = chat_body(request(**fields))
+        assert body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": schema},
+        }
+    assert chat_body(request(output_config={"effort": "high"}))["reasoning_effort"] == "high"
