@@ -65,7 +65,7 @@ def conversation(turns: int, breakpoints: bool) -> MessagesRequest:
 
 def exact_positions(planner: MessagesPlanner, chat: ChatPlanner, req: MessagesRequest) -> list[int]:
     """The tokenize arm: every altered prompt tokenized and compared token by token."""
-    plan_ids = chat.prompt_ids(planner._body(req))
+    plan_ids = chat.prompt_ids(planner.chat_request(req))
     out = []
     for bp in breakpoints(req):
         raw = chat_body(req, alter_after=bp.at)

@@ -23,13 +23,13 @@ from typing import Any
 from proxy.anthropic.schemas import (
     MAX_BREAKPOINTS,
     CacheControl,
+    Conversation,
     MessagesRequest,
     RedactedThinkingBlock,
     TextBlock,
     ThinkingBlock,
     ToolResultBlock,
     ToolUseBlock,
-    _Conversation,
 )
 from proxy.errors import InvalidRequest
 
@@ -54,7 +54,7 @@ class Breakpoint:
     """The field that set it (``tools.0``, ``system.1``, ``messages.3.content.0``, ``cache_control``)."""
 
 
-def _places(conv: _Conversation, keep_billing_header: bool) -> Iterator[tuple[Position, str, Any]]:
+def _places(conv: Conversation, keep_billing_header: bool) -> Iterator[tuple[Position, str, Any]]:
     """Every block that can carry ``cache_control``, in Anthropic's order."""
     for i, tool in enumerate(conv.tools or []):
         yield (0, i, 0), f"tools.{i}", tool
@@ -70,7 +70,7 @@ def is_billing_header(block: TextBlock) -> bool:
     return block.text.lstrip().startswith(BILLING_HEADER)
 
 
-def breakpoints(conv: _Conversation, *, keep_billing_header: bool = False) -> list[Breakpoint]:
+def breakpoints(conv: Conversation, *, keep_billing_header: bool = False) -> list[Breakpoint]:
     """The request's breakpoints in order, validated as Anthropic does (at most 4, the top-level
     one included; a 1h one never after a 5m one)."""
     found: list[Breakpoint] = []
@@ -108,7 +108,7 @@ def breakpoints(conv: _Conversation, *, keep_billing_header: bool = False) -> li
 
 
 def chat_body(
-    conv: _Conversation, *, keep_billing_header: bool = False, alter_after: Position | None = None
+    conv: Conversation, *, keep_billing_header: bool = False, alter_after: Position | None = None
 ) -> dict[str, Any]:
     """The internal chat request body (OpenAI shape) of ``conv``; ``alter_after``: every piece
     after that position is marked (see the module docstring)."""

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from model_runner.records import PinRequest
 from proxy.anthropic.conversation import Breakpoint, Position, breakpoints, chat_body, shared_prefix
-from proxy.anthropic.schemas import MessagesRequest, _Conversation
+from proxy.anthropic.schemas import Conversation, MessagesRequest
 from proxy.chat_plan import ChatPlan, ChatPlanner
 from proxy.errors import InvalidRequest, from_pydantic
 from proxy.schemas import ChatCompletionRequest
@@ -63,7 +63,7 @@ class MessagesPlanner:
     def plan(self, req: MessagesRequest) -> MessagesPlan:
         """Render, tokenize, constrain, place the breakpoints; raises ``InvalidRequest``."""
         marks = breakpoints(req, keep_billing_header=self._keep_billing_header)
-        body = self._body(req)
+        body = self.chat_request(req)
         variables = self._variables(req)
         chat = self._planner.plan(body, variables, offsets=bool(marks))
         placed = []
@@ -73,14 +73,15 @@ class MessagesPlanner:
                 placed.append(PlacedBreakpoint(bp, tokens))
         return MessagesPlan(chat=chat, body=body, breakpoints=placed)
 
-    def count(self, conv: _Conversation) -> int:
+    def count(self, conv: Conversation) -> int:
         """``/v1/messages/count_tokens``: the prompt's length as ``plan`` would render it."""
         breakpoints(conv, keep_billing_header=self._keep_billing_header)  # the same 400s
-        return len(self._planner.prompt_ids(self._body(conv), self._variables(conv)))
+        return len(self._planner.prompt_ids(self.chat_request(conv), self._variables(conv)))
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _body(self, conv: _Conversation) -> ChatCompletionRequest:
+    def chat_request(self, conv: Conversation) -> ChatCompletionRequest:
+        """The internal chat request of ``conv``, sampling settings included."""
         raw = chat_body(conv, keep_billing_header=self._keep_billing_header)
         if not isinstance(conv, MessagesRequest):
             raw["max_tokens"] = 1
@@ -106,14 +107,14 @@ class MessagesPlanner:
             }
         )
 
-    def _variables(self, conv: _Conversation) -> dict[str, Any]:
+    def _variables(self, conv: Conversation) -> dict[str, Any]:
         if conv.thinking is None:
             return {}
         on = conv.thinking.type != "disabled"
         return dict.fromkeys(_THINKING_SWITCHES, on)
 
     def _prefix_tokens(
-        self, conv: _Conversation, at: Position, chat: ChatPlan, variables: dict[str, Any]
+        self, conv: Conversation, at: Position, chat: ChatPlan, variables: dict[str, Any]
     ) -> int | None:
         """The prompt tokens that depend only on what comes up to position ``at``. Rendering is
         cheap and tokenizing is not (~80 ms for 90k tokens): the altered prompt is only rendered,

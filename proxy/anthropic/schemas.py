@@ -232,7 +232,7 @@ class OutputConfig(_Model):
     """Handed to the chat template as ``reasoning_effort`` when it reads that variable."""
 
 
-class _Conversation(_Model):
+class Conversation(_Model):
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     system: Text | list[TextBlock] | None = None
@@ -252,7 +252,7 @@ class _Conversation(_Model):
         return handler(data)
 
     @model_validator(mode="after")
-    def _consistent(self) -> _Conversation:
+    def _consistent(self) -> Conversation:
         names = [t.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise InvalidRequest("tools: tool names must be unique.", param="tools")
@@ -291,11 +291,11 @@ class _Conversation(_Model):
         return list(self.system)
 
 
-class CountTokensRequest(_Conversation):
+class CountTokensRequest(Conversation):
     """``POST /v1/messages/count_tokens``: the conversation without ``max_tokens``."""
 
 
-class MessagesRequest(_Conversation):
+class MessagesRequest(Conversation):
     max_tokens: int = Field(ge=1)
     stop_sequences: list[Text] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     stream: bool = False
