@@ -213,20 +213,24 @@ def pin_total(listing: dict[str, Any]) -> str:
     )
 
 
+_SOURCE_LABELS = {"cache_control": "breakpoint", "prompt_cache_retention": "retention"}
+"""Short names for the table (an 80-column terminal); ``--json`` keeps the API's."""
+
+
 def render_pins(listing: dict[str, Any], console: Console) -> None:
     pinned = sorted(listing.get("pins", []), key=lambda p: (p["tenant"], p["expires_in_s"]))
     if pinned:
         table = Table(title="pins", title_justify="left")
         table.add_column("id", no_wrap=True)
-        for col in ("tenant", "source"):
-            table.add_column(col, overflow="fold")  # wrapped when narrow, never cut short
+        table.add_column("tenant", overflow="fold")  # wrapped when narrow, never cut short
+        table.add_column("source", no_wrap=True)
         for col in ("tokens", "bytes", "expires in", "hits"):
             table.add_column(col, justify="right", no_wrap=True)
         for p in pinned:
             table.add_row(
                 p["id"][:SHORT_PIN_ID],
                 escape(p["tenant"]),
-                p["source"],
+                _SOURCE_LABELS.get(p["source"], p["source"]),
                 f"{p['tokens']:,}",
                 format_size(p["bytes"]),
                 format_duration(p["expires_in_s"]),
