@@ -21,7 +21,7 @@ from proxy.anthropic.plan import MessagesPlanner
 from proxy.anthropic.schemas import MessagesRequest
 from proxy.chat_plan import ChatPlanner
 from proxy.errors import InvalidRequest, from_pydantic
-from tests.support.chat_templates import QWEN_TOOLS, with_template
+from tests.support.chat_templates import QWEN3_THINKING, QWEN_TOOLS, with_template
 from tests.support.tiny_models import VOCAB, tiny_corpus
 
 EPHEMERAL = {"type": "ephemeral"}
@@ -295,3 +295,12 @@ def test_structured_output_becomes_the_chat_requests_response_format() -> None:
             "json_schema": {"name": "output", "schema": schema},
         }
     assert chat_body(request(output_config={"effort": "high"}))["reasoning_effort"] == "high"
+
+
+def test_thinking_reaches_a_template_with_a_switch(tokenizer: PreTrainedTokenizerBase) -> None:
+    planned = planner(tokenizer, QWEN3_THINKING)
+    off = planned.plan(request(thinking={"type": "disabled"})).chat.prompt_text
+    on = planned.plan(request(thinking={"type": "enabled", "budget_tokens": 2048})).chat.prompt_text
+    default = planned.plan(request()).chat.prompt_text
+    assert off != on and on == default  # the template thinks unless told not to
+    assert off.endswith("<think>\n\n</think>\n\n")
