@@ -37,14 +37,14 @@ from proxy.anthropic.plan import MessagesPlan, MessagesPlanner
 from proxy.anthropic.schemas import CountTokensRequest, MessagesRequest
 from proxy.batch_stats import BatchMonitor
 from proxy.chat_output import ChoiceOutput
-from proxy.chat_plan import ChatPlan, ChatPlanner
+from proxy.chat_plan import ChatPlan, ChatPlanner, template_messages
 from proxy.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 from proxy.history_warming import HistoryWarmer
 from proxy.logprobs import LogprobFormatter
 from proxy.metrics import Metrics
 from proxy.request_log import RequestLog, RequestRecord, classify
 from proxy.responses import KvproxyUsage, PromptTokensDetails, Usage
-from proxy.schemas import ChatCompletionRequest, SamplingRequest
+from proxy.schemas import ChatCompletionRequest, SamplingRequest, WarmupItem
 from proxy.worker import EngineClosed, JobStream, QueueFull, open_stream
 
 _DISCONNECT_POLL_S = 0.25
@@ -174,6 +174,21 @@ class GenerationService:
 
     async def encode_prompt(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.engine.encode_prompt, text)
+
+    async def encode_item(self, item: WarmupItem, param: str) -> list[int]:
+        """A warmup or pin item's token ids (its prompt, or its messages rendered by the chat
+        template); a 400 naming ``param`` when it does not fit the context."""
+        if item.messages is not None:
+            ids = await self.encode_chat(template_messages(item.messages, self.engine.chat))
+        else:
+            ids = await self.encode_prompt(item.prompt or "")
+        if len(ids) >= self.max_context:
+            raise InvalidRequest(
+                f"{param} is longer than the model's context ({self.max_context} tokens).",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return ids
 
     def build_request(
         self,

@@ -152,18 +152,21 @@ def _json_schema_object(value: Any) -> Any:
     return value
 
 
+def _tool_name(value: str) -> str:
+    if not _TOOL_NAME.match(value):
+        raise ValueError("must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'")
+    return value
+
+
+ToolName = Annotated[str, AfterValidator(_tool_name)]
+"""A tool's name as both APIs (and the chat templates' call syntax) take it."""
+
+
 class FunctionDef(_Request):
-    name: str
+    name: ToolName
     description: Text | None = None
     parameters: Annotated[dict[str, Any] | None, AfterValidator(_json_schema_object)] = None
     strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _TOOL_NAME.match(value):
-            raise ValueError("must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'")
-        return value
 
 
 class ToolDef(_Request):

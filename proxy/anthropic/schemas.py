@@ -8,7 +8,6 @@ them, never a silent drop. Fields that cannot change the answer (``metadata``, `
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -25,11 +24,10 @@ from pydantic import (
 )
 
 from proxy.errors import InvalidRequest
-from proxy.schemas import Text
+from proxy.schemas import Text, ToolName
 
 MAX_BREAKPOINTS = 4
 MAX_STOP_SEQUENCES = 16
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TTL_SECONDS: Mapping[str, int] = MappingProxyType({"5m": 300, "1h": 3600})
 
 
@@ -125,17 +123,10 @@ class Message(_Model):
 
 class Tool(_Model):
     type: Literal["custom"] | None = None
-    name: str
+    name: ToolName
     description: Text | None = None
     input_schema: dict[str, Any]
     cache_control: CacheControl | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _TOOL_NAME.match(value):
-            raise ValueError("must be 1-64 characters of a-z, A-Z, 0-9, '_' and '-'")
-        return value
 
     @field_validator("input_schema")
     @classmethod

@@ -11,9 +11,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends
 
 from proxy.body import documented_body, json_body
-from proxy.chat_plan import template_messages
 from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
-from proxy.errors import InvalidRequest
 from proxy.generation import overloaded
 from proxy.schemas import WarmupRequest
 from proxy.worker import EngineClosed, QueueFull, on_engine
@@ -92,16 +90,7 @@ async def warmup(
     started = time.perf_counter()
     totals = {"prompts": 0, "tokens": 0, "blocks_written": 0, "already_cached": 0}
     for index, item in enumerate(body.items):
-        if item.messages is not None:
-            ids = await generation.encode_chat(template_messages(item.messages, generation.engine.chat))
-        else:
-            ids = await generation.encode_prompt(item.prompt or "")
-        if len(ids) >= generation.max_context:
-            raise InvalidRequest(
-                f"items[{index}] is longer than the model's context ({generation.max_context} tokens).",
-                param=f"items[{index}]",
-                code="context_length_exceeded",
-            )
+        ids = await generation.encode_item(item, f"items[{index}]")
         result = await queued(
             lambda ids=ids: engine_warmup(generation.engine, ids, tenant=tenant, cache_salt=salt)
         )

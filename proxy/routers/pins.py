@@ -17,7 +17,6 @@ from fastapi import APIRouter, Depends
 from cache_store.pins import PinInfo, PinTable
 from model_runner.records import PinRequest
 from proxy.body import documented_body, json_body
-from proxy.chat_plan import template_messages
 from proxy.deps import AdminDep, GenerationDep, RuntimeDep
 from proxy.errors import ApiError, InvalidRequest, NotFound
 from proxy.routers.cache import queued
@@ -72,15 +71,7 @@ async def create_pin(
 ) -> dict[str, Any]:
     _table(runtime)
     tenant = body.tenant or principal.tenant
-    if body.messages is not None:
-        ids = await generation.encode_chat(template_messages(body.messages, generation.engine.chat))
-    else:
-        ids = await generation.encode_prompt(body.prompt or "")
-    if len(ids) >= generation.max_context:
-        raise InvalidRequest(
-            f"The prompt is longer than the model's context ({generation.max_context} tokens).",
-            code="context_length_exceeded",
-        )
+    ids = await generation.encode_item(body, "prompt" if body.prompt is not None else "messages")
     if len(ids) < runtime.block_size:
         raise InvalidRequest(
             f"The prompt is {len(ids)} tokens, shorter than one cache block ({runtime.block_size}): "

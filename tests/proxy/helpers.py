@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from tests.proxy.conftest import BLOCK_SIZE
 
@@ -61,3 +62,16 @@ def chat_body(content: str, **extra: object) -> dict[str, object]:
         "temperature": 0,
         **extra,
     }
+
+
+# A tool schema a random model can only fill in a few tokens (every field bounded).
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}

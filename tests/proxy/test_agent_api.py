@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from model_runner.chat_template import ChatTemplate
 from model_runner.detokenize import TokenPieces
 from tests.proxy.conftest import BLOCK_SIZE, ServerFactory
-from tests.proxy.helpers import salt
+from tests.proxy.helpers import WEATHER_SCHEMA, salt
 from tests.support.chat_templates import (
     LLAMA3_TOOLS,
     MISTRAL_TOOLS,
@@ -39,16 +39,6 @@ MODEL = "tiny"
 CONTEXT = 2048
 TEMPLATES = {"qwen": QWEN_TOOLS, "llama3": LLAMA3_TOOLS, "mistral": MISTRAL_TOOLS}
 
-WEATHER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
 WEATHER = {
     "type": "function",
     "function": {"name": "get_weather", "description": "Weather.", "parameters": WEATHER_SCHEMA},

@@ -25,7 +25,7 @@ import pytest
 from anthropic import Omit
 
 from tests.proxy.conftest import BLOCK_SIZE, ServerFactory
-from tests.proxy.helpers import expected_cached, salt
+from tests.proxy.helpers import WEATHER_SCHEMA, expected_cached, salt
 from tests.support.chat_templates import QWEN_TOOLS, save_tiny_model_with_template
 from tests.support.live_server import LiveServer
 
@@ -43,16 +43,6 @@ USAGE_FIELDS = {
     "cache_creation",
 }
 
-WEATHER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit", "days"],
-    "additionalProperties": False,
-}
 WEATHER = {"name": "get_weather", "description": "Weather.", "input_schema": WEATHER_SCHEMA}
 SEARCH_SCHEMA: dict[str, Any] = {
     "type": "object",
