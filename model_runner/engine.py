@@ -28,10 +28,11 @@ import torch
 from cache_store.hashing import block_hashes, namespace_hash
 from cache_store.prefix_cache import PrefixCache, PrefixHit
 from model_runner.batch import Run
+from model_runner.capability import packed_reason
 from model_runner.chat_template import ChatTemplate
 from model_runner.engine_config import EngineConfig
 from model_runner.engine_stats import EngineStats, StepCounts, StepObservation, StepObserver
-from model_runner.forward import PackedForward, SerialForward, StepForward, packed_reason, probe_layer_shapes
+from model_runner.forward import PackedForward, SerialForward, StepForward, probe_layer_shapes
 from model_runner.loading import LoadedModel
 from model_runner.loop_futures import release_result, run_call
 from model_runner.model_facts import eos_ids, layer_kinds

@@ -41,18 +41,6 @@ class StepForward(Protocol):
         ...
 
 
-def packed_reason(model: PreTrainedModel, layer_kinds: Sequence[str]) -> str | None:
-    """Why ``model`` cannot take the packed path (``None`` when it can)."""
-    if not getattr(model, "_supports_attention_backend", False):
-        return f"{type(model).__name__} does not route its attention through transformers' AttentionInterface"
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "encoder-decoder models run one request at a time"
-    odd = sorted({k for k in layer_kinds if k not in ("full", "sliding")})
-    if odd or not layer_kinds:
-        return f"layers of kind {', '.join(odd) or 'unknown'} read a packed batch as one sequence"
-    return None
-
-
 class PackedForward:
     packed = True
 

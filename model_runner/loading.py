@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from model_runner.capability import analyze_cache_support, cache_layer_kinds
+from model_runner.capability import analyze_cache_support, cache_layer_kinds, packed_reason
 from model_runner.demo import DEMO_NAME, ensure_demo_model
 from model_runner.fingerprint import model_fingerprint
 from model_runner.paths import default_cache_dir
@@ -190,6 +190,10 @@ def load_model(
         raise LoadError(f"could not load {model or DEMO_NAME!r} as a causal LM: {exc}") from exc
     hf_model.to(torch_device)
     hf_model.train(False)  # inference mode: the same switch as Module.eval, no dropout
+    if not support.cacheable and packed_reason(hf_model, [k.kind for k in support.layers]) is None:
+        # Batched, every token's K/V stays in the request's buffers: sliding layers cache whole.
+        support = analyze_cache_support(config, max_context, keeps_every_token=True)
+        reason = f"{support.reason}; {note}" if note else support.reason
 
     fingerprint = model_fingerprint(
         model_dir, dtype=str(torch_dtype).removeprefix("torch."), cache_file=cache_dir / "fingerprints.json"

@@ -30,8 +30,10 @@ from tests.model_runner.conftest import BLOCK, MARGIN, base_tokens, lower_tier_o
 LOGIT_TOLERANCE = 1e-4
 MIN_COMPARED = 8
 NEW_TOKENS = 10
-BATCHED_KINDS = ["llama", "qwen2", "mistral", "gpt2", "sliding"]
-"""``sliding``: Gemma 2 with a 6-token window (uncached, but batched: the window is a mask)."""
+BATCHED_KINDS = ["llama", "qwen2", "mistral", "gpt2", "sliding", "gemma3", "gptoss"]
+"""``sliding``: Gemma 2 with a 6-token window; ``gemma3``: two 11-token local layers per global one;
+``gptoss``: 5-token windows with attention sinks (the window is a mask; every token's K/V is kept,
+so these are cached too)."""
 
 
 @dataclass
@@ -190,7 +192,7 @@ def test_batched_greedy_equals_reference(kind: str, load_tiny: Callable[[str], L
 
 
 @pytest.mark.parametrize("tier", ["disk", "redis"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_batched_requests_restored_from_a_lower_tier(
     kind: str, tier: str, load_tiny: Callable[[str], LoadedModel], tmp_path, request: pytest.FixtureRequest
 ) -> None:

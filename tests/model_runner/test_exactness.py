@@ -181,7 +181,7 @@ def test_bad_record_is_a_miss_from_that_block_on(
     cache.store.close()
 
 
-@pytest.mark.parametrize("kind", ["sliding", "hybrid"])
+@pytest.mark.parametrize("kind", ["hybrid"])
 def test_uncacheable_models_are_served_uncached_and_correct(
     kind: str, load_tiny: Callable[[str], LoadedModel], caplog: pytest.LogCaptureFixture
 ) -> None:

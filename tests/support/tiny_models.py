@@ -16,7 +16,9 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
+    GptOssConfig,
     Lfm2Config,
     LlamaConfig,
     MistralConfig,
@@ -115,6 +117,43 @@ def _sliding(v: int) -> PretrainedConfig:
     )
 
 
+def _gemma3(v: int) -> PretrainedConfig:
+    # Gemma 3: two local (sliding, own RoPE base) layers per global one; a window wider than a block.
+    return Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=11,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=MAX_POSITIONS,
+        **_common(v),
+    )
+
+
+def _gptoss(v: int) -> PretrainedConfig:
+    # gpt-oss: alternating windowed and full layers, attention sinks, a mixture of experts; YaRN
+    # scaled 32x from a 16-token original context, as the real one is from 4096 (no warning).
+    config = GptOssConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=MAX_POSITIONS,
+        **_common(v),
+    )
+    config.rope_parameters["original_max_position_embeddings"] = MAX_POSITIONS // 32
+    return config
+
+
 def _hybrid(v: int) -> PretrainedConfig:
     # LFM2: a short-convolution (recurrent state) layer and an attention layer.
     return Lfm2Config(
@@ -136,6 +175,8 @@ TINY_MODELS: MappingProxyType[str, Callable[[int], PretrainedConfig]] = MappingP
         "mistral": _mistral,
         "gpt2": _gpt2,
         "sliding": _sliding,
+        "gemma3": _gemma3,
+        "gptoss": _gptoss,
         "hybrid": _hybrid,
     }
 )
