@@ -200,6 +200,8 @@ def load_model(
     )
     if not support.cacheable:
         log.warning("prefix caching is off for %s: %s", model or DEMO_NAME, support.reason)
+    elif any(layer.kind == "sliding" for layer in support.layers):
+        log.info("prefix caching for %s: %s", model or DEMO_NAME, support.reason)
     return LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,

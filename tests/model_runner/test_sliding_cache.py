@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
 from model_runner.capability import analyze_cache_support
 from model_runner.engine import Engine
-from model_runner.loading import LoadedModel
+from model_runner.loading import LoadedModel, load_model
 from model_runner.records import GenerationRequest
 from tests.model_runner.conftest import MARGIN, base_tokens, make_cache, run
 
@@ -116,3 +117,11 @@ def test_restored_sliding_prefixes_equal_a_full_prefill(
         assert engine.stats().prefilled_tokens < sum(len(p) for p, _ in cases)
     finally:
         engine.close()
+
+
+def test_the_log_says_how_sliding_layers_are_cached(
+    tiny_model_path: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="model_runner.loading"):
+        load_model(str(tiny_model_path("gemma3")), "cpu", "float32", cache_dir=tmp_path)
+    assert "2 sliding-window layer(s) cached whole beside 1 full-attention layer(s)" in caplog.text
