@@ -135,8 +135,6 @@ class UsageReport:
     written_blocks: tuple[int, ...] = ()
     """Prompt blocks (by index) this request wrote to the cache (blocks another request or an
     earlier one stored are not among them)."""
-    pins: tuple[str, ...] = ()
-    """Ids of the pins this request's ``PinRequest``s made or refreshed."""
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ def usage_report(seq: Sequence, block_size: int, now: float) -> UsageReport:
         written_blocks=tuple(
             b for b in prompt_side.written_blocks if (b + 1) * block_size <= len(seq.prompt)
         ),
-        pins=tuple(o.pin.id for o in prompt_side.pin_outcomes if o.pin is not None),
     )
 
 

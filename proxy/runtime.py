@@ -38,7 +38,7 @@ def store_options(settings: ServeSettings) -> StoreOptions:
         redis_cluster=settings.redis_cluster,
         store_timeout_ms=settings.store_timeout_ms,
         breaker_cooldown_s=settings.breaker_cooldown_s,
-        max_pinned_bytes=settings.pinned_bytes_cap,
+        max_pinned_bytes=settings.max_pinned_bytes,
         pinned_tenant_fraction=settings.max_pinned_tenant_share,
     )
 

@@ -194,10 +194,6 @@ class ServeSettings(BaseSettings):
         return tuple(self.served_model_name) or (self.model or "demo",)
 
     @property
-    def pinned_bytes_cap(self) -> int:
-        return self.memory_bytes // 2 if self.max_pinned_bytes is None else self.max_pinned_bytes
-
-    @property
     def tiers(self) -> list[str]:
         tiers = ["memory"]
         if not self.no_disk:

@@ -74,11 +74,14 @@ def breakpoints(conv: Conversation, *, keep_billing_header: bool = False) -> lis
     """The request's breakpoints in order, validated as Anthropic does (at most 4, the top-level
     one included; a 1h one never after a 5m one)."""
     found: list[Breakpoint] = []
+    dropped: set[Position] = set()  # the billing-header block's: validated, then dropped with it
     last: tuple[Position, str] | None = None
     for at, where, block in _places(conv, keep_billing_header=True):
         control: CacheControl | None = getattr(block, "cache_control", None)
         if control is not None:
             found.append(Breakpoint(at, control.ttl, control.ttl_s, where))
+        if at[0] == 1 and not keep_billing_header and is_billing_header(block):
+            dropped.add(at)
         if at[0] == 2:
             last = (at, where)
     if conv.cache_control is not None and last is not None:
@@ -101,10 +104,7 @@ def breakpoints(conv: Conversation, *, keep_billing_header: bool = False) -> lis
                 f"ttl='5m' cache_control block ({seen_5m.where}).",
                 param=f"{bp.where}.cache_control",
             )
-    if not keep_billing_header:
-        dropped = {at for at, _, block in _places(conv, True) if at[0] == 1 and is_billing_header(block)}
-        found = [bp for bp in found if bp.at not in dropped]
-    return found
+    return [bp for bp in found if bp.at not in dropped]
 
 
 def chat_body(

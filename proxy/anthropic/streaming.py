@@ -20,7 +20,7 @@ from proxy.anthropic.plan import MessagesPlan
 from proxy.anthropic.responses import Message, MessageUsage, message_usage, stop_reason
 from proxy.chat_output import ChoiceOutput
 from proxy.errors import anthropic_error
-from proxy.generation import GenerationService, merge_finished
+from proxy.generation import GenerationService
 from proxy.responses import ChatDelta
 from proxy.worker import EngineClosed, JobStream
 
@@ -174,7 +174,7 @@ async def message_sse(
                 for frame in blocks.close():
                     yield frame
                 kvproxy = generation.record([item], route=meta.route, tenant=meta.tenant).kvproxy
-                usage = _usage(merge_finished([item]), plan, meta.block_size, kvproxy)
+                usage = message_usage(item.usage, plan, meta.block_size, kvproxy).model_dump()
                 reason = stop_reason(output.finish_reason, item.stop_sequence)
                 yield event(
                     "message_delta",
@@ -198,10 +198,6 @@ async def message_sse(
         yield _error(500, "The server had an internal error.")
     finally:
         stream.cancel()
-
-
-def _usage(finished: Finished, plan: MessagesPlan, block_size: int, kvproxy: Any) -> dict[str, Any]:
-    return message_usage(finished.usage, plan, block_size, kvproxy).model_dump()
 
 
 def _error(status: int, message: str) -> str:
