@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import xxhash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the block record format; part of every namespace so a format change never reuses
 blocks written by an older release."""
 

@@ -14,13 +14,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cache_store.codec import BlockKV, LayerShape, RecordError, decode_block, encode_block
+from cache_store.codec import (
+    BlockKV,
+    LayerShape,
+    RecordError,
+    StateSpec,
+    StateTensor,
+    decode_block,
+    encode_block,
+)
 from cache_store.hashing import block_hashes
 from cache_store.pins import PinOutcome, PinTable
 from cache_store.tiered import TieredStore
@@ -132,10 +140,12 @@ class PrefixCache:
         *,
         dtype: torch.dtype | None,
         layer_shapes: Sequence[LayerShape] | None,
+        state_specs: Sequence[StateSpec] | None = None,
     ) -> PrefixHit:
         """Every full-block hash of ``token_ids`` and the longest verified leading run of cached
         blocks, pinned until ``release()``. ``layer_shapes``: expected ``(k_shape, v_shape)`` per
-        layer, each ``(kv_heads, block_size, head_dim)``; ``None`` skips that check."""
+        K/V layer, each ``(kv_heads, block_size, head_dim)``; ``None`` skips that check.
+        ``state_specs``: the recurrent state a record may carry (a record with other state is bad)."""
         hashes = block_hashes(token_ids, self.block_size, namespace)
         if not hashes:
             return self._count(PrefixHit.miss(hashes, "short_prompt"))
@@ -157,6 +167,7 @@ class PrefixCache:
                     token_ids=[int(t) for t in token_ids[i * bs : (i + 1) * bs]],
                     dtype=dtype,
                     layer_shapes=layer_shapes,
+                    state_specs=state_specs,
                 )
             except RecordError as exc:
                 self._reject(hashes[i], tier, exc)
@@ -194,10 +205,18 @@ class PrefixCache:
         hashes: Sequence[bytes],
         first_block: int,
         keys_values: Sequence[BlockTensors],
+        *,
+        states: Mapping[int, Sequence[StateTensor]] | None = None,
+        dtype: torch.dtype | None = None,
+        replace_held: bool = False,
     ) -> list[int]:
         """Encode and store blocks ``first_block, first_block + 1, ...``: ``keys_values[j]`` holds
-        block ``first_block + j``. Blocks the trie already holds are skipped. Returns the indices
-        of the blocks written (memory now, lower tiers in the background)."""
+        block ``first_block + j``; ``states[i]``, when given, the recurrent state after block ``i``
+        (the record's state section; ``dtype`` names the record dtype of a model without K/V
+        layers). Blocks the trie already holds are skipped, unless ``replace_held`` and they come
+        with state: their record is rewritten with it (same K/V, one atomic put per tier). Returns
+        the indices of the blocks written that were not held before (memory now, lower tiers in
+        the background)."""
         if first_block < 0 or first_block + len(keys_values) > len(hashes):
             raise ValueError(
                 f"blocks {first_block}..{first_block + len(keys_values) - 1} outside the "
@@ -215,11 +234,14 @@ class PrefixCache:
         items: list[tuple[bytes, bytearray]] = []
         lower_only: list[tuple[bytes, bytearray]] = []
         written: list[int] = []
+        states = states or {}
         for i, (keys, values), known in zip(indices, keys_values, present, strict=True):
-            if known:
+            if known and not (replace_held and states.get(i)):
                 linked = True
                 continue
-            written.append(i)
+            if not known:
+                written.append(i)
+            linked = linked or known
             record = encode_block(
                 namespace=namespace,
                 parent=namespace if i == 0 else hashes[i - 1],
@@ -227,6 +249,8 @@ class PrefixCache:
                 token_ids=[int(t) for t in token_ids[i * bs : (i + 1) * bs]],
                 keys=keys,
                 values=values,
+                states=states.get(i, ()),
+                dtype=dtype,
             )
             if not linked:
                 lower_only.append((hashes[i], record))

@@ -1,13 +1,23 @@
 """Which models can be prefix-cached, judged from the Cache layers transformers builds for them.
 
-A restored prefix is exact only when every layer keeps, per token, K/V that depend on nothing
-but the tokens before it, and keeps all of them. We ask the installed transformers which cache
-layer each decoder layer gets (``DynamicCache(config=...)``) instead of keeping a list of model
-names: full attention (``DynamicLayer``) is cacheable; a sliding window counts as full attention
-when it is at least the served context (nothing ever slides out), and on the engine's packed path
-(``packed_reason`` is ``None``) at any size: there every token's K/V of every layer stays in the
-request's buffers and the window is only a mask. Recurrent / linear-attention state, KV-shared
-layers, other layer kinds and encoder-decoder models are not cacheable.
+A restored prefix is exact when every layer gets back exactly what it kept after the prefix. We
+ask the installed transformers which cache layer each decoder layer gets
+(``DynamicCache(config=...)``) instead of keeping a list of model names, and cache each kind its
+own way:
+
+- full attention (``DynamicLayer``): its K/V per block;
+- a sliding window: counts as full attention when it is at least the served context (nothing
+  ever slides out), and on the engine's packed path (``packed_reason`` is ``None``) at any size:
+  there every token's K/V of every layer stays in the request's buffers and the window is only a
+  mask, so the layer is cached whole;
+- recurrent state (SSM, linear attention, short convolution: ``LinearAttentionLayer``, and
+  ``LinearAttentionAndFullAttentionLayer`` beside its K/V): the state after a block boundary, in
+  that block's record (``recurrent``); whether the model continues a restored state exactly is
+  measured when it loads;
+- a layer with no cache at all (an MLP-only layer): nothing to store.
+
+Layers that read another layer's K/V, other cache layer classes and encoder-decoder models are
+served uncached, with the reason.
 """
 
 from __future__ import annotations
@@ -16,14 +26,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+)
 
 
 @dataclass(frozen=True)
 class LayerKind:
     """One decoder layer as its cache sees it: ``full``, ``sliding`` (with its window),
-    ``linear`` (recurrent/convolution state), ``shared`` (reads another layer's K/V) or
-    ``other``, with the transformers class name that decided it."""
+    ``linear`` (recurrent/convolution state), ``linear+attention`` (state and full-attention K/V
+    in one layer), ``none`` (keeps nothing), ``shared`` (reads another layer's K/V) or ``other``,
+    with the transformers class name that decided it."""
 
     kind: str
     cache_class: str
@@ -42,14 +59,21 @@ class CacheSupport:
 def cache_layer_kinds(config: PretrainedConfig) -> tuple[LayerKind, ...]:
     """The kind of each decoder layer's cache, from ``DynamicCache(config=config)``."""
     cache = DynamicCache(config=config)
+    sharing = getattr(config, "kv_sharing_modes", None) or ()
     kinds: list[LayerKind] = []
-    for layer, is_linear, is_dummy in zip(cache.layers, cache.is_linear, cache.is_dummy, strict=True):
+    for index, (layer, is_linear, is_dummy) in enumerate(
+        zip(cache.layers, cache.is_linear, cache.is_dummy, strict=True)
+    ):
         name = type(layer).__name__
         if is_dummy:
-            kinds.append(LayerKind("shared", name))
-        elif is_linear or isinstance(layer, LinearAttentionCacheLayerMixin):
-            # Hybrid layers (linear state + attention) are linear too: the state cannot be sliced.
+            shared = index < len(sharing) and sharing[index] == "reuse"
+            kinds.append(LayerKind("shared" if shared else "none", name))
+        elif type(layer) is LinearAttentionAndFullAttentionLayer:
+            kinds.append(LayerKind("linear+attention", name))
+        elif type(layer) is LinearAttentionLayer:
             kinds.append(LayerKind("linear", name))
+        elif is_linear or isinstance(layer, LinearAttentionCacheLayerMixin):
+            kinds.append(LayerKind("other", name))  # e.g. linear state beside a sliding window
         elif type(layer) is DynamicSlidingWindowLayer:
             kinds.append(LayerKind("sliding", name, int(layer.sliding_window)))
         elif type(layer) is DynamicLayer:
@@ -67,13 +91,27 @@ def sliding_windows(config: PretrainedConfig) -> list[int]:
         return []
 
 
+STATE_KINDS = frozenset({"linear", "linear+attention"})
+"""Layer kinds that keep recurrent state."""
+
+_KIND_WORDS = {
+    "full": "full-attention layer(s) store their K/V per block",
+    "sliding": (
+        "sliding-window layer(s) cached whole (the packed path keeps every token's K/V; the window is a mask)"
+    ),
+    "linear": "recurrent layer(s) store their state at block boundaries",
+    "linear+attention": "hybrid layer(s) store K/V per block and their state at block boundaries",
+    "none": "layer(s) keep no cache",
+}
+
+
 def analyze_cache_support(
     config: PretrainedConfig, max_context: int, *, keeps_every_token: bool = False
 ) -> CacheSupport:
     """Decide whether a model with ``config``, served up to ``max_context`` tokens, can be
-    prefix-cached exactly. ``keeps_every_token``: the model runs on the packed path, whose
-    per-request K/V holds every token of every layer (a sliding window is a mask there, nothing
-    slides out), so sliding layers are cached whole like full ones."""
+    prefix-cached exactly, and report how each kind of layer is cached. ``keeps_every_token``:
+    the model runs on the packed path, whose per-request K/V holds every token of every layer (a
+    sliding window is a mask there, nothing slides out), so sliding layers are cached whole."""
     if getattr(config, "is_encoder_decoder", False):
         return CacheSupport(False, "encoder-decoder models are not prefix-cached", ())
     try:
@@ -82,24 +120,25 @@ def analyze_cache_support(
         return CacheSupport(False, f"cache layout unknown for this model ({type(exc).__name__})", ())
     if not layers:
         return CacheSupport(False, "transformers builds no per-layer cache for this model", ())
-    sliding = 0
+    counts: dict[str, int] = {}
     for index, layer in enumerate(layers):
-        if layer.kind == "full":
-            continue
-        if layer.kind == "sliding" and layer.window is not None and layer.window >= max_context:
-            continue
-        if layer.kind == "sliding" and keeps_every_token:
-            sliding += 1
-            continue
-        return CacheSupport(False, _why_not(index, layer, max_context), layers)
-    if sliding:
-        return CacheSupport(
-            True,
-            f"{sliding} sliding-window layer(s) cached whole beside {len(layers) - sliding} full-attention "
-            "layer(s) (the packed path keeps every token's K/V; the window is a mask)",
-            layers,
-        )
-    return CacheSupport(True, "every layer keeps full-attention K/V", layers)
+        kind = layer.kind
+        if kind == "sliding" and layer.window is not None and layer.window >= max_context:
+            kind = "full"  # nothing ever slides out
+        elif kind == "sliding" and not keeps_every_token:
+            return CacheSupport(False, _why_not(index, layer, max_context), layers)
+        if kind not in _KIND_WORDS:
+            return CacheSupport(False, _why_not(index, layer, max_context), layers)
+        counts[kind] = counts.get(kind, 0) + 1
+    if set(counts) <= {"full", "none"}:
+        return CacheSupport(True, "every layer keeps full-attention K/V", layers)
+    report = "; ".join(f"{counts[kind]} {_KIND_WORDS[kind]}" for kind in _KIND_WORDS if kind in counts)
+    return CacheSupport(True, report, layers)
+
+
+def keeps_state(support: CacheSupport) -> bool:
+    """Whether some layer of the model keeps recurrent state."""
+    return any(layer.kind in STATE_KINDS for layer in support.layers)
 
 
 def packed_reason(model: PreTrainedModel, layer_kinds: Sequence[str]) -> str | None:
@@ -120,11 +159,6 @@ def _why_not(index: int, layer: LayerKind, max_context: int) -> str:
         return (
             f"layer {index} uses a {layer.window}-token sliding window, shorter than the "
             f"{max_context}-token context"
-        )
-    if layer.kind == "linear":
-        return (
-            f"layer {index} keeps recurrent/linear-attention state ({layer.cache_class}), "
-            "which cannot be sliced per token"
         )
     if layer.kind == "shared":
         return f"layer {index} shares another layer's K/V"

@@ -25,14 +25,17 @@ from typing import Any, TypeVar
 
 import torch
 
+from cache_store.codec import StateSpec
 from cache_store.hashing import block_hashes, namespace_hash
 from cache_store.prefix_cache import PrefixCache, PrefixHit
+from model_runner import recurrent
 from model_runner.batch import Run
 from model_runner.capability import packed_reason
 from model_runner.chat_template import ChatTemplate
 from model_runner.engine_config import EngineConfig
 from model_runner.engine_stats import EngineStats, StepCounts, StepObservation, StepObserver
 from model_runner.forward import PackedForward, SerialForward, StepForward, probe_layer_shapes
+from model_runner.kv import CacheKV
 from model_runner.loading import LoadedModel
 from model_runner.loop_futures import release_result, run_call
 from model_runner.model_facts import eos_ids, layer_kinds
@@ -46,6 +49,7 @@ from model_runner.records import (
     TextDelta,
     WarmupResult,
 )
+from model_runner.recurrent import StateLayout
 from model_runner.sampling import SamplingParams
 from model_runner.scheduler import Planned, Scheduler, SchedulerConfig
 from model_runner.sequence import Event, Sink
@@ -112,15 +116,21 @@ class Engine:
         self.batching_reason = packed_reason(self._model, kinds)
         """Why requests run one at a time (``None``: they are batched)."""
         self._layer_shapes = None
+        self._state_specs: tuple[StateSpec, ...] = ()
+        self.state_layout: StateLayout | None = None
+        """How a model with recurrent layers stores its state (``None``: it has none, or no cache)."""
         if self.batching_reason is None:
-            self._layer_shapes = probe_layer_shapes(self._model, block_size, self._device)
+            self._layer_shapes, _ = probe_layer_shapes(self._model, block_size, self._device)
             self._forward: StepForward = PackedForward(
                 self._model, self._layer_shapes, loaded.dtype, self._device
             )
         else:
             if self._cache is not None:
-                self._layer_shapes = probe_layer_shapes(self._model, block_size, self._device)
-            self._forward = SerialForward(self._model, self._device)
+                self._layer_shapes, self._state_specs = probe_layer_shapes(
+                    self._model, block_size, self._device
+                )
+                self.state_layout = self._plan_states(block_size)
+            self._forward = SerialForward(self._model, self._device, self.state_layout, block_size)
         self.config = (config or EngineConfig()).resolve(
             self._device, packed=self._forward.packed, bytes_per_token=self._forward.bytes_per_token
         )
@@ -147,6 +157,23 @@ class Engine:
         self._counts = StepCounts()
         self._published = self._scheduler.stats()
         """The scheduler's figures as of the loop's last turn (read by other threads)."""
+
+    def _plan_states(self, block_size: int) -> StateLayout | None:
+        if not self._state_specs:
+            return None
+        continuation = self.loaded.state_continuation
+        if continuation is None:
+            raise ValueError(
+                f"{self.loaded.model_id} keeps recurrent state but its continuation was not measured"
+            )
+        shapes = self._layer_shapes or []
+        width = shapes[0][0][0] * shapes[0][0][2] if shapes else None
+        reference = recurrent.reference_bytes_per_token(self._model, width, self.loaded.dtype)
+        layout = StateLayout(
+            self._state_specs, continuation, recurrent.interval(self._state_specs, reference, block_size)
+        )
+        log.info("recurrent state of %s: %s", self.loaded.model_id, layout.describe(block_size))
+        return layout
 
     # -- what the proxy reads ----------------------------------------------------------------
 
@@ -346,7 +373,11 @@ class Engine:
             cache_salt=request.cache_salt,
         )
         return self._cache.lookup(
-            seq.namespace, seq.prompt, dtype=self.loaded.dtype, layer_shapes=self._layer_shapes
+            seq.namespace,
+            seq.prompt,
+            dtype=self.loaded.dtype,
+            layer_shapes=self._layer_shapes,
+            state_specs=self._state_specs,
         )
 
     # -- the step loop -------------------------------------------------------------------------
@@ -425,9 +456,8 @@ class Engine:
         if seq.hit is not None:
             seq.hit.release()
         seq.hit = hit
-        matched = len(hit.blocks) * self.block_size if hit is not None else 0
         if seq.prefill_only:
-            seq.cached = min(matched, seq.target)
+            seq.cached = self._restorable(hit, seq.target)
             if seq.cached >= seq.target:
                 self._pin(seq)
                 self._finish_warmup(seq)
@@ -435,17 +465,26 @@ class Engine:
             capacity = seq.target
         else:
             # At least one prompt token is always prefilled: its logits pick the first token.
-            seq.cached = min(matched, len(seq.prompt) - 1)
+            seq.cached = self._restorable(hit, len(seq.prompt) - 1)
             capacity = len(seq.prompt) + seq.request.sampling.max_tokens
         # Every choice of an n > 1 request gets its own copy once the prompt is prefilled.
         seq.reserve_bytes = capacity * self._forward.bytes_per_token * seq.slots
         seq.phase = "waiting"
 
+    def _restorable(self, hit: PrefixHit | None, limit: int) -> int:
+        """Prompt tokens to restore from ``hit``, at most ``limit``: the matched blocks' tokens, or
+        for a model with recurrent layers up to the last matched block that carries its state."""
+        if hit is None:
+            return 0
+        if self.state_layout is None:
+            return min(len(hit.blocks) * self.block_size, limit)
+        return self.state_layout.restorable([b.has_state for b in hit.blocks], self.block_size, limit)
+
     def _admit(self, seq: Seq) -> None:
         timeline = seq.timeline
         timeline.admitted = time.perf_counter()
         capacity = seq.target if seq.prefill_only else len(seq.prompt) + seq.request.sampling.max_tokens
-        seq.kv = self._forward.new_kv(capacity)
+        seq.kv = self._forward.new_kv(capacity, seq.target)
         hit = seq.hit
         if hit is not None and seq.cached > 0:
             try:
@@ -453,7 +492,7 @@ class Engine:
                 seq.stored_blocks = len(hit.blocks)
             except Exception:
                 log.exception("restoring %d cached tokens failed; computing them instead", seq.cached)
-                seq.kv = self._forward.new_kv(capacity)
+                seq.kv = self._forward.new_kv(capacity, seq.target)
                 seq.cached = 0
         elif hit is not None:
             seq.stored_blocks = len(hit.blocks)
@@ -582,11 +621,14 @@ class Engine:
 
     def _store_blocks(self, seq: Seq, upto_tokens: int) -> None:
         """Store full blocks ``seq.stored_blocks ..`` of the first ``upto_tokens`` tokens (their
-        K/V must be in ``seq.kv``); a failure costs only the cache entry, never the response."""
+        K/V must be in ``seq.kv``), with the recurrent state taken after any of them; a failure
+        costs only the cache entry, never the response."""
         if self._cache is None or seq.kv is None:
             return
         n_blocks = min(upto_tokens, seq.fed) // self.block_size
         first = seq.stored_blocks
+        if self.state_layout is not None and isinstance(seq.kv, CacheKV):
+            self._store_states(seq, first)
         if n_blocks <= first:
             return
         ids = (list(seq.prompt) + seq.generated)[: n_blocks * self.block_size]
@@ -595,9 +637,40 @@ class Engine:
             hashes = block_hashes(ids, self.block_size, seq.namespace)
             with torch.inference_mode():
                 blocks = seq.kv.slice_blocks(first, n_blocks - first, self.block_size)
-            seq.written_blocks += self._cache.store_blocks(seq.namespace, ids, hashes, first, blocks)
+            states = seq.kv.take_states(first, n_blocks - first) if isinstance(seq.kv, CacheKV) else None
+            seq.written_blocks += self._cache.store_blocks(
+                seq.namespace, ids, hashes, first, blocks, states=states, dtype=self.loaded.dtype
+            )
         except Exception:
             log.exception("storing blocks %d..%d failed", first, n_blocks - 1)
+
+    def _store_states(self, seq: Seq, below: int) -> None:
+        """States taken after blocks already in the cache (matched, or stored before their state
+        was taken): rewrite those records with it when they carry none (a prompt that ends where
+        a longer one only passed through makes that block a restore point)."""
+        assert self._cache is not None and isinstance(seq.kv, CacheKV)
+        pending = seq.kv.take_states(0, below)
+        matched = seq.hit.blocks if seq.hit is not None else []
+        for block, states in sorted(pending.items()):
+            if block < len(matched) and matched[block].has_state:
+                continue
+            ids = (list(seq.prompt) + seq.generated)[: (block + 1) * self.block_size]
+            try:
+                hashes = block_hashes(ids, self.block_size, seq.namespace)
+                with torch.inference_mode():
+                    parts = seq.kv.slice_blocks(block, 1, self.block_size)
+                self._cache.store_blocks(
+                    seq.namespace,
+                    ids,
+                    hashes,
+                    block,
+                    parts,
+                    states={block: states},
+                    dtype=self.loaded.dtype,
+                    replace_held=True,
+                )
+            except Exception:
+                log.exception("storing the state after block %d failed", block)
 
     def _pin(self, seq: Seq) -> None:
         """The prompt is stored: make the request's pins (a pin that cannot be made, e.g. over

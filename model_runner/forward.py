@@ -7,8 +7,9 @@ positions, the linear layers run once over all of it, each request attends over 
 
 ``SerialForward`` is for models that cannot take that path (their layers do not all go through
 the attention interface, or hold recurrent state that would read a packed row as one sequence):
-one request per step on its own transformers ``DynamicCache``, its whole prompt in one step.
-The scheduler is the same; it runs such models at batch size 1.
+one request per step on its own transformers ``DynamicCache``. The scheduler is the same; it
+runs such models at batch size 1, each prompt in one step, or, for a model with recurrent
+layers, in steps that end where its state is taken (``CacheKV.chunk_limit``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from cache_store.codec import BlockKV
-from model_runner import attention, kv
+from cache_store.codec import BlockKV, StateSpec
+from model_runner import attention, kv, recurrent
 from model_runner.batch import Run, pack
 
 PackedKV = kv.RequestKV | kv.CacheKV
@@ -32,7 +33,9 @@ class StepForward(Protocol):
     packed: bool
     """Whether many requests share a step (and a prompt may be prefilled in chunks)."""
 
-    def new_kv(self, capacity: int) -> PackedKV: ...
+    def new_kv(self, capacity: int, prompt_tokens: int) -> PackedKV:
+        """K/V for a request of ``capacity`` tokens whose prompt (prefill) is ``prompt_tokens``."""
+        ...
 
     def restore(self, state: PackedKV, blocks: Sequence[BlockKV], n_tokens: int) -> None: ...
 
@@ -62,7 +65,7 @@ class PackedForward:
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         self.bytes_per_token = kv.bytes_per_token(self._shapes, dtype)
 
-    def new_kv(self, capacity: int) -> kv.RequestKV:
+    def new_kv(self, capacity: int, prompt_tokens: int) -> kv.RequestKV:
         return kv.RequestKV(self._shapes, capacity, self._dtype, self._device)
 
     def restore(self, state: PackedKV, blocks: Sequence[BlockKV], n_tokens: int) -> None:
@@ -89,14 +92,22 @@ class PackedForward:
 class SerialForward:
     packed = False
 
-    def __init__(self, model: PreTrainedModel, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        device: torch.device,
+        layout: recurrent.StateLayout | None = None,
+        block_size: int = 0,
+    ) -> None:
         self._model = model
         self._device = device
         self._cache_kw = kv.cache_argument(model)
+        self._layout = layout
+        self._block_size = block_size
         self.bytes_per_token = 0
 
-    def new_kv(self, capacity: int) -> kv.CacheKV:
-        return kv.CacheKV(self._model.config)
+    def new_kv(self, capacity: int, prompt_tokens: int) -> kv.CacheKV:
+        return kv.CacheKV(self._model.config, self._layout, self._block_size, prompt_tokens)
 
     def restore(self, state: PackedKV, blocks: Sequence[BlockKV], n_tokens: int) -> None:
         if not isinstance(state, kv.CacheKV):
@@ -122,16 +133,20 @@ class SerialForward:
             **{self._cache_kw: state.cache},
         )
         state.length = run.start + ids.shape[1]
+        state.after_step()
         return out.logits[0, -1:] if run.wants_logits else out.logits[0, :0]
 
 
-def probe_layer_shapes(model: PreTrainedModel, block_size: int, device: torch.device) -> list[kv.LayerShape]:
-    """Per-layer block K/V shapes, read off a one-token forward (robust to any config naming)."""
+def probe_layer_shapes(
+    model: PreTrainedModel, block_size: int, device: torch.device
+) -> tuple[list[kv.LayerShape], tuple[StateSpec, ...]]:
+    """Per-K/V-layer block K/V shapes and the recurrent state tensors, read off a short forward
+    (robust to any config naming)."""
     past = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(
-            input_ids=torch.zeros((1, 1), dtype=torch.long, device=device),
+            input_ids=torch.zeros((1, 8), dtype=torch.long, device=device),
             use_cache=True,
             **{kv.cache_argument(model): past},
         )
-    return kv.layer_shapes(past, block_size)
+    return kv.layer_shapes(past, block_size), tuple(s.spec for s in recurrent.snapshot(past))

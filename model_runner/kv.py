@@ -19,9 +19,16 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    DummyLayer,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionLayer,
+)
 
-from cache_store.codec import BlockKV
+from cache_store.codec import BlockKV, StateTensor
+from model_runner import recurrent
 
 LayerShape = tuple[tuple[int, int, int], tuple[int, int, int]]
 BlockTensors = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -184,26 +191,23 @@ def _stack_blocks(blocks: Sequence[BlockKV], device: torch.device) -> torch.Tens
     return stacked.view(n_layers, 2, heads, len(views) * per_block, dim)
 
 
-def build_cache(
-    config: PretrainedConfig, blocks: Sequence[BlockKV], n_tokens: int, device: torch.device
-) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` holding the first ``n_tokens`` tokens of ``blocks``.
+KV_LAYER_TYPES = (DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer)
+"""Cache layers whose K/V a block stores (a hybrid layer keeps recurrent state beside them)."""
+RESTORABLE_TYPES = (*KV_LAYER_TYPES, LinearAttentionLayer, DummyLayer)
 
-    ``n_tokens`` may stop inside the last block (the "always prefill one token" crop). With no
-    blocks (or ``n_tokens == 0``) the cache is empty.
-    """
-    cache = DynamicCache(config=config)
-    if n_tokens <= 0 or not blocks:
-        return cache
-    available = sum(len(b.token_ids) for b in blocks)
-    if n_tokens > available:
-        raise CacheLayoutError(f"asked for {n_tokens} tokens from blocks holding {available}")
-    if any(len(b.layer_shapes) != len(cache.layers) for b in blocks):
-        raise CacheLayoutError(f"blocks do not have the model's {len(cache.layers)} layers")
-    for index, layer in enumerate(cache.layers):
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            raise CacheLayoutError(f"layer {index} ({type(layer).__name__}) cannot be restored")
-    # Keep only the blocks that make up the first n_tokens tokens.
+
+def kv_layers(cache: DynamicCache) -> list[int]:
+    """Indices of the cache layers that keep K/V (recurrent-only and cacheless layers keep none)."""
+    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, DynamicLayer)]
+
+
+def _block_kv(
+    blocks: Sequence[BlockKV], n_tokens: int, n_layers: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per K/V layer, ``([1, H, n, Dk]`` keys, values) of the first ``n_tokens`` tokens of ``blocks``
+    on ``device``: views of one copy when the blocks' layers share a shape."""
+    if n_layers == 0:
+        return []
     spans: list[tuple[BlockKV, int]] = []
     remaining = n_tokens
     for block in blocks:
@@ -213,7 +217,8 @@ def build_cache(
         if remaining == 0:
             break
     stacked = _stack_blocks([b for b, _ in spans], device)  # [L, 2, H, tokens, D] or None
-    for index, layer in enumerate(cache.layers):
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for index in range(n_layers):
         if stacked is not None:
             # Views of the one copy; cropped to n_tokens (a view too).
             keys = stacked[index, 0, :, :n_tokens].unsqueeze(0)  # [1, H, n, Dk]
@@ -221,24 +226,94 @@ def build_cache(
         else:
             keys = _to_device([b.keys[index][:, :take] for b, take in spans], device)  # [1, H, n, Dk]
             values = _to_device([b.values[index][:, :take] for b, take in spans], device)  # [1, H, n, Dv]
+        layers.append((keys, values))
+    return layers
+
+
+def build_cache(
+    config: PretrainedConfig,
+    blocks: Sequence[BlockKV],
+    n_tokens: int,
+    device: torch.device,
+    states: Sequence[StateTensor] = (),
+) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` holding the first ``n_tokens`` tokens of ``blocks``.
+
+    ``n_tokens`` may stop inside the last block (the "always prefill one token" crop) when the
+    model keeps no recurrent state; ``states`` is the recurrent state after exactly ``n_tokens``
+    tokens otherwise. With no blocks (or ``n_tokens == 0``) the cache is empty.
+    """
+    cache = DynamicCache(config=config)
+    if n_tokens <= 0 or not blocks:
+        return cache
+    available = sum(len(b.token_ids) for b in blocks)
+    if n_tokens > available:
+        raise CacheLayoutError(f"asked for {n_tokens} tokens from blocks holding {available}")
+    indices = kv_layers(cache)
+    if any(len(b.layer_shapes) != len(indices) for b in blocks):
+        raise CacheLayoutError(f"blocks do not have the model's {len(indices)} K/V layers")
+    layer_kv = _block_kv(blocks, n_tokens, len(indices), device)
+    return assemble(cache, layer_kv, n_tokens, states, device)
+
+
+def assemble(
+    cache: DynamicCache,
+    layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    n_tokens: int,
+    states: Sequence[StateTensor],
+    device: torch.device,
+) -> DynamicCache:
+    """Fill a fresh ``cache``: ``layer_kv[i]`` (``[1, H, n_tokens, D]`` K and V) into its i-th K/V
+    layer, ``states`` into its recurrent layers."""
+    for index, layer in enumerate(cache.layers):
+        if (
+            not isinstance(layer, RESTORABLE_TYPES)
+            or type(layer).__name__ == "LinearAttentionAndSlidingWindowAttentionLayer"
+        ):
+            raise CacheLayoutError(f"layer {index} ({type(layer).__name__}) cannot be restored")
+    stateful = recurrent.state_layers(cache)
+    if stateful and not states:
+        raise CacheLayoutError("a model with recurrent layers is restored with their state")
+    for index, (keys, values) in zip(kv_layers(cache), layer_kv, strict=True):
+        layer = cache.layers[index]
         # Assign instead of layer.update(): update would cat onto an empty tensor, a second full
         # copy of the prefix on the hot path. These are the attributes update() itself sets.
-        layer.lazy_initialization(keys, values)
+        DynamicLayer.lazy_initialization(layer, keys, values)
         layer.keys, layer.values = keys, values
         if isinstance(layer, DynamicSlidingWindowLayer):
             if n_tokens >= layer.sliding_window:
                 raise CacheLayoutError(f"layer {index}: {n_tokens} tokens exceed its sliding window")
             layer.cumulative_length = n_tokens
-    if cache.get_seq_length() != n_tokens:
+    if states:
+        recurrent.load(cache, states, n_tokens, device)
+    if kv_layers(cache) and cache.get_seq_length() != n_tokens:
         raise CacheLayoutError("the installed transformers' DynamicCache did not take the restored K/V")
     return cache
 
 
+def clone_prefix(
+    cache: DynamicCache,
+    config: PretrainedConfig,
+    states: Sequence[StateTensor],
+    n_tokens: int,
+    device: torch.device,
+) -> DynamicCache:
+    """A fresh cache holding what ``cache`` holds after its first ``n_tokens`` tokens, built the
+    way a restore builds one (K/V copied, ``states`` loaded): the continuation probe's restore."""
+    layer_kv = []
+    for index in kv_layers(cache):
+        layer = cache.layers[index]
+        layer_kv.append((layer.keys[:, :, :n_tokens].clone(), layer.values[:, :, :n_tokens].clone()))
+    return assemble(DynamicCache(config=config), layer_kv, n_tokens, states, device)
+
+
 def storable_range(cache: DynamicCache) -> tuple[int, int]:
-    """Token positions ``[start, end)`` whose K/V every layer of ``cache`` still holds."""
-    end = cache.get_seq_length()
+    """Token positions ``[start, end)`` whose K/V every K/V layer of ``cache`` still holds."""
+    indices = kv_layers(cache)
+    end = cache.layers[indices[0]].get_seq_length() if indices else 0
     start = 0
-    for layer in cache.layers:
+    for index in indices:
+        layer = cache.layers[index]
         kept = 0 if layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2]
         seq = layer.get_seq_length()
         if seq != end:
@@ -249,7 +324,7 @@ def storable_range(cache: DynamicCache) -> tuple[int, int]:
 
 def slice_blocks(cache: DynamicCache, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
     """Per-block K/V of blocks ``first_block .. first_block + n_blocks - 1`` (``[kv_heads,
-    block_size, dim]`` per layer, on CPU), ready for ``encode_block``.
+    block_size, dim]`` per K/V layer, on CPU), ready for ``encode_block``.
 
     The parts are views of the cache (no copy on CPU): ``encode_block`` copies strided views
     straight into the record, and the caller encodes before the cache changes again (a
@@ -258,11 +333,15 @@ def slice_blocks(cache: DynamicCache, first_block: int, n_blocks: int, block_siz
         return []
     start_tok = first_block * block_size
     end_tok = start_tok + n_blocks * block_size
+    indices = kv_layers(cache)
+    blocks: list[BlockTensors] = [([], []) for _ in range(n_blocks)]
+    if not indices:
+        return blocks  # a pure state-space model: its blocks carry no K/V
     lo, hi = storable_range(cache)
     if start_tok < lo or end_tok > hi:
         raise CacheLayoutError(f"tokens [{start_tok}, {end_tok}) are not all in the cache [{lo}, {hi})")
-    blocks: list[BlockTensors] = [([], []) for _ in range(n_blocks)]
-    for layer in cache.layers:
+    for index in indices:
+        layer = cache.layers[index]
         offset = layer.get_seq_length() - layer.keys.shape[-2]
         for tensor, slot in ((layer.keys, 0), (layer.values, 1)):
             # [1, H, seq, D] -> [H, n_blocks * block_size, D]; one device->host copy per layer.
@@ -275,9 +354,10 @@ def slice_blocks(cache: DynamicCache, first_block: int, n_blocks: int, block_siz
 
 
 def layer_shapes(cache: DynamicCache, block_size: int) -> list[LayerShape]:
-    """The per-layer ``(K shape, V shape)`` of one block, read off a filled cache."""
+    """The per-K/V-layer ``(K shape, V shape)`` of one block, read off a filled cache."""
     shapes: list[LayerShape] = []
-    for layer in cache.layers:
+    for index in kv_layers(cache):
+        layer = cache.layers[index]
         if layer.keys is None or layer.keys.numel() == 0:
             raise CacheLayoutError("cannot read block shapes from an empty cache layer")
         _, kh, _, kd = layer.keys.shape
@@ -289,25 +369,112 @@ def layer_shapes(cache: DynamicCache, block_size: int) -> list[LayerShape]:
 class CacheKV:
     """One request's transformers ``Cache``, for the one-at-a-time path (models whose layers
     cannot be driven through the packed attention function, e.g. recurrent ones). ``length``
-    is counted here: a cache of only recurrent layers has no sequence length to ask."""
+    is counted here: a cache of only recurrent layers has no sequence length to ask.
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    With a ``StateLayout`` (a model with recurrent layers) it also plans where the prefill stops
+    to take the state (``chunk_limit``), takes it there (``after_step``) and hands the states to
+    the blocks that store them (``take_states``)."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layout: recurrent.StateLayout | None = None,
+        block_size: int = 0,
+        prompt_tokens: int = 0,
+    ) -> None:
         self.config = config
         self.cache = DynamicCache(config=config)
         self.length = 0
         self.nbytes = 0
+        self.layout = layout
+        self.block_size = block_size
+        self.prompt_tokens = prompt_tokens
+        """Where the prompt ends: its last full block always gets a state."""
+        self._snapshots: dict[int, list[StateTensor]] = {}
+        """Block index -> the state after it, until that block is stored."""
 
     def restore(self, blocks: Sequence[BlockKV], n_tokens: int, device: torch.device) -> None:
-        self.cache = build_cache(self.config, blocks, n_tokens, device)
+        states: Sequence[StateTensor] = ()
+        if self.layout is not None:
+            bs = self.block_size
+            if n_tokens % bs or not blocks[n_tokens // bs - 1].has_state:
+                raise CacheLayoutError(f"no recurrent state stored after token {n_tokens}")
+            states = blocks[n_tokens // bs - 1].states
+        self.cache = build_cache(self.config, blocks, n_tokens, device, states)
         self.length = n_tokens
 
     def fork(self) -> CacheKV:
         """An independent copy (every layer's tensors, recurrent states included)."""
-        twin = CacheKV(self.config)
+        twin = CacheKV(self.config, self.layout, self.block_size, self.prompt_tokens)
         twin.cache = copy.deepcopy(self.cache)
         twin.length = self.length
         return twin
 
     def slice_blocks(self, first_block: int, n_blocks: int, block_size: int) -> list[BlockTensors]:
         # Raises CacheLayoutError for tokens a layer no longer holds (never for a cacheable model).
+        if first_block * block_size < 0 or (first_block + n_blocks) * block_size > self.length:
+            raise CacheLayoutError(f"blocks {first_block}..{first_block + n_blocks - 1} are not all read")
         return slice_blocks(self.cache, first_block, n_blocks, block_size)
+
+    # -- recurrent state -------------------------------------------------------------------------
+
+    def _stops_at(self, boundary: int) -> bool:
+        """Whether the state after ``boundary`` tokens (a block boundary) is kept."""
+        assert self.layout is not None
+        block = boundary // self.block_size
+        last_prompt_block = self.prompt_tokens // self.block_size
+        return block % self.layout.every == 0 or block == last_prompt_block or boundary > self.prompt_tokens
+
+    def chunk_limit(self, target: int) -> int:
+        """Tokens the next prefill step may take, up to ``target``: it ends where a state is taken
+        (a "token" model takes one at a time once it holds a state)."""
+        left = target - self.length
+        layout = self.layout
+        if layout is None or left <= 0:
+            return max(left, 0)
+        if layout.continuation == "token":
+            if self.length > 0:
+                return 1
+            # From an empty state, one step is exact: go to the prompt's last block boundary.
+            stop = self.prompt_tokens // self.block_size * self.block_size
+            return stop if stop > 0 and stop < target else left
+        bs = self.block_size
+        boundary = (self.length // bs + 1) * bs
+        while boundary < target and not self._stops_at(boundary):
+            boundary += bs
+        return min(boundary, target) - self.length
+
+    def after_step(self) -> None:
+        """A step ended: take the state if it ended on a block boundary where one is kept (the
+        state of a decoded block replaces the last one taken in decode unless it is a periodic
+        one: only the newest is needed to extend this conversation)."""
+        if self.layout is None or self.length == 0 or self.length % self.block_size:
+            return
+        if not self._stops_at(self.length):
+            return
+        block = self.length // self.block_size - 1
+        if self.length > self.prompt_tokens:
+            for old in [b for b in self._snapshots if (b + 1) * self.block_size > self.prompt_tokens]:
+                if (old + 1) % self.layout.every:
+                    del self._snapshots[old]
+        self._snapshots[block] = recurrent.snapshot(self.cache)
+
+    def take_states(self, first_block: int, n_blocks: int) -> dict[int, list[StateTensor]]:
+        """The states taken after blocks ``first_block ..`` (on CPU), handed over once."""
+        taken: dict[int, list[StateTensor]] = {}
+        for block in [b for b in self._snapshots if first_block <= b < first_block + n_blocks]:
+            states = self._snapshots.pop(block)
+            taken[block] = [
+                StateTensor(
+                    s.layer,
+                    s.slot,
+                    s.index,
+                    s.tensor.to("cpu") if s.tensor.device.type != "cpu" else s.tensor,
+                )
+                for s in states
+            ]
+        return taken
+
+    def pending_states(self) -> list[int]:
+        """Blocks whose state was taken and not yet handed over."""
+        return sorted(self._snapshots)

@@ -14,10 +14,19 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from model_runner.capability import analyze_cache_support, cache_layer_kinds, packed_reason
+from model_runner import recurrent
+from model_runner.capability import (
+    CacheSupport,
+    analyze_cache_support,
+    cache_layer_kinds,
+    keeps_state,
+    packed_reason,
+)
 from model_runner.demo import DEMO_NAME, ensure_demo_model
 from model_runner.fingerprint import model_fingerprint
+from model_runner.kv import cache_argument
 from model_runner.paths import default_cache_dir
+from model_runner.recurrent import Continuation
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,9 @@ class LoadedModel:
     cacheable: bool
     cache_reason: str
     model_dir: Path
+    state_continuation: Continuation | None = None
+    """For a model with recurrent layers: how a restored state is continued ("chunk": many
+    tokens per step; "token": one at a time), as measured at load (``recurrent``)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -195,13 +207,30 @@ def load_model(
         support = analyze_cache_support(config, max_context, keeps_every_token=True)
         reason = f"{support.reason}; {note}" if note else support.reason
 
+    continuation: Continuation | None = None
+    if support.cacheable and keeps_state(support):
+        probe = recurrent.probe_continuation(hf_model, torch_device, cache_argument(hf_model))
+        continuation = probe.mode
+        if probe.mode is None:
+            support = CacheSupport(
+                False,
+                "a restored recurrent state did not continue exactly (largest logit difference "
+                f"{probe.chunk_error:.2e} over many tokens, {probe.token_error:.2e} one at a time, "
+                f"tolerance {probe.tolerance:.2e})",
+                support.layers,
+            )
+            reason = f"{support.reason}; {note}" if note else support.reason
+        else:
+            fed = "many tokens per step" if probe.mode == "chunk" else "one token per step after a restore"
+            reason = f"{reason}; a restored state continues exactly, {fed}"
+
     fingerprint = model_fingerprint(
         model_dir, dtype=str(torch_dtype).removeprefix("torch."), cache_file=cache_dir / "fingerprints.json"
     )
     if not support.cacheable:
         log.warning("prefix caching is off for %s: %s", model or DEMO_NAME, support.reason)
-    elif any(layer.kind == "sliding" for layer in support.layers):
-        log.info("prefix caching for %s: %s", model or DEMO_NAME, support.reason)
+    elif any(layer.kind != "full" for layer in support.layers):
+        log.info("prefix caching for %s: %s", model or DEMO_NAME, reason)
     return LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,
@@ -213,4 +242,5 @@ def load_model(
         cacheable=support.cacheable,
         cache_reason=reason,
         model_dir=model_dir,
+        state_continuation=continuation,
     )

@@ -123,7 +123,10 @@ class Sequence:
         """The tokens of this step: a prefill chunk of at most ``budget`` tokens, or the last
         sampled token."""
         if self.phase == "prefill":
-            return list(self.prompt[self.fed : self.fed + min(budget, self.prefill_left)])
+            n = min(budget, self.prefill_left)
+            if isinstance(self.kv, CacheKV):
+                n = min(n, self.kv.chunk_limit(self.target))  # a recurrent state is taken there
+            return list(self.prompt[self.fed : self.fed + n])
         return [self.generated[-1]]
 
     # -- the token stream ------------------------------------------------------------------------

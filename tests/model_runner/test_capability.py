@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 from transformers import (
+    FalconMambaConfig,
     Gemma2Config,
+    Gemma3nTextConfig,
     GPT2Config,
     Lfm2Config,
     LlamaConfig,
     MistralConfig,
+    NemotronHConfig,
     PretrainedConfig,
     Qwen2Config,
     T5Config,
+    Zamba2Config,
 )
 
 from model_runner.capability import analyze_cache_support, cache_layer_kinds
@@ -34,7 +38,35 @@ from model_runner.loading import default_context
             "sliding",
         ),
         (Gemma2Config(num_hidden_layers=2), 8192, False, "sliding window"),
-        (Lfm2Config(num_hidden_layers=2, layer_types=["conv", "full_attention"]), 4096, False, "linear"),
+        # Recurrent state is cached at block boundaries (LFM2 convolution, Mamba, gated delta-net).
+        (
+            Lfm2Config(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
+            4096,
+            True,
+            "1 recurrent layer",
+        ),
+        (FalconMambaConfig(num_hidden_layers=2), 4096, True, "2 recurrent layer"),
+        # Nemotron-H: MLP-only layers keep no cache at all.
+        (
+            NemotronHConfig(num_hidden_layers=3, layers_block_type=["mamba", "attention", "mlp"]),
+            4096,
+            True,
+            "1 layer(s) keep no cache",
+        ),
+        # Zamba2: a hybrid layer keeps state and K/V.
+        (
+            Zamba2Config(num_hidden_layers=2, layers_block_type=["mamba", "hybrid"]),
+            4096,
+            True,
+            "1 hybrid layer",
+        ),
+        # Gemma 3n: layers that read another layer's K/V.
+        (
+            Gemma3nTextConfig(num_hidden_layers=4, num_kv_shared_layers=2, sliding_window=8192),
+            4096,
+            False,
+            "shares another",
+        ),
         (T5Config(num_layers=2), 512, False, "encoder-decoder"),
     ],
 )

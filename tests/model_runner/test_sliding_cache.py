@@ -124,4 +124,7 @@ def test_the_log_says_how_sliding_layers_are_cached(
 ) -> None:
     with caplog.at_level("INFO", logger="model_runner.loading"):
         load_model(str(tiny_model_path("gemma3")), "cpu", "float32", cache_dir=tmp_path)
-    assert "2 sliding-window layer(s) cached whole beside 1 full-attention layer(s)" in caplog.text
+    assert (
+        "1 full-attention layer(s) store their K/V per block; 2 sliding-window layer(s) cached whole"
+        in caplog.text
+    )

@@ -58,7 +58,7 @@ def tiny_sliding_path(tiny_model_path: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_hybrid_path(tiny_model_path: Callable[[str], Path]) -> Path:
-    """LFM2 (a convolution layer with recurrent state + an attention layer): not prefix-cacheable."""
+    """LFM2 (a convolution layer with recurrent state + an attention layer): cached at block boundaries."""
     return tiny_model_path("hybrid")
 
 

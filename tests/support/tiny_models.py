@@ -15,15 +15,19 @@ from types import MappingProxyType
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    FalconMambaConfig,
     Gemma2Config,
+    Gemma3nTextConfig,
     Gemma3TextConfig,
     GPT2Config,
     GptOssConfig,
+    GraniteMoeHybridConfig,
     Lfm2Config,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3NextConfig,
 )
 
 from model_runner.tokenizer_builder import train_bpe_tokenizer
@@ -168,6 +172,82 @@ def _hybrid(v: int) -> PretrainedConfig:
     )
 
 
+def _qwen3next(v: int) -> PretrainedConfig:
+    # Qwen3-Next: three gated delta-net layers (convolution + linear-attention state) per gated
+    # full-attention one, a mixture of experts.
+    return Qwen3NextConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        max_position_embeddings=MAX_POSITIONS,
+        **_common(v),
+    )
+
+
+def _granitehybrid(v: int) -> PretrainedConfig:
+    # Granite 4 hybrid: a Mamba-2 layer and an attention layer.
+    return GraniteMoeHybridConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["mamba", "attention"],
+        mamba_n_heads=4,
+        mamba_d_head=32,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        num_local_experts=0,
+        shared_intermediate_size=128,
+        max_position_embeddings=MAX_POSITIONS,
+        **_common(v),
+    )
+
+
+def _falconmamba(v: int) -> PretrainedConfig:
+    # FalconMamba: a pure state-space model (no attention; Mamba-1 scan).
+    return FalconMambaConfig(
+        hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, **_common(v)
+    )
+
+
+def _kvshared(v: int) -> PretrainedConfig:
+    # Gemma 3n: its last layers read the K/V of earlier ones (served uncached, with the reason).
+    return Gemma3nTextConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_kv_shared_layers=2,
+        sliding_window=MAX_POSITIONS,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=v,
+        laurel_rank=8,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 4,
+        max_position_embeddings=MAX_POSITIONS,
+        **_common(v),
+    )
+
+
 TINY_MODELS: MappingProxyType[str, Callable[[int], PretrainedConfig]] = MappingProxyType(
     {
         "llama": _llama,
@@ -178,6 +258,10 @@ TINY_MODELS: MappingProxyType[str, Callable[[int], PretrainedConfig]] = MappingP
         "gemma3": _gemma3,
         "gptoss": _gptoss,
         "hybrid": _hybrid,
+        "qwen3next": _qwen3next,
+        "granitehybrid": _granitehybrid,
+        "falconmamba": _falconmamba,
+        "kvshared": _kvshared,
     }
 )
 """Name -> config factory (taking the tokenizer's vocabulary size)."""
@@ -195,8 +279,9 @@ def init_weights(model: torch.nn.Module, *, seed: int, std: float = 0.08, head_s
             elif (param.ndim == 1 and "norm" in name) or name.endswith(
                 ("ln_1.weight", "ln_2.weight", "ln_f.weight")
             ):
-                # Gemma's RMSNorm scales by (1 + weight): 0 there is the identity.
-                param.fill_(0.0 if "Gemma" in type(model).__name__ else 1.0)
+                # Gemma's RMSNorm scales by (1 + weight): 0 there is the identity (Gemma 3n's by weight).
+                one_plus = "Gemma" in type(model).__name__ and "Gemma3n" not in type(model).__name__
+                param.fill_(0.0 if one_plus else 1.0)
             elif param.ndim == 1 and name.endswith("bias"):
                 param.zero_()
             else:
