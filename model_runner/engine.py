@@ -496,6 +496,8 @@ class Engine:
                 seq.cached = 0
         elif hit is not None:
             seq.stored_blocks = len(hit.blocks)
+        if hit is not None and isinstance(seq.kv, CacheKV):
+            seq.kv.branch_tokens = len(hit.blocks) * self.block_size
         timeline.restored = time.perf_counter()
         seq.phase = "prefill"
 

@@ -390,6 +390,11 @@ class CacheKV:
         self.block_size = block_size
         self.prompt_tokens = prompt_tokens
         """Where the prompt ends: its last full block always gets a state."""
+        self.branch_tokens = 0
+        """Where the prompt leaves the blocks its lookup matched (0: none matched). A state is
+        taken there too when none is stored: the next prompt that shares that prefix and goes
+        another way restores all of it (a shared system prompt is cached whole from its third
+        use, whatever the periodic interval)."""
         self._snapshots: dict[int, list[StateTensor]] = {}
         """Block index -> the state after it, until that block is stored."""
 
@@ -423,7 +428,12 @@ class CacheKV:
         assert self.layout is not None
         block = boundary // self.block_size
         last_prompt_block = self.prompt_tokens // self.block_size
-        return block % self.layout.every == 0 or block == last_prompt_block or boundary > self.prompt_tokens
+        return (
+            block % self.layout.every == 0
+            or block == last_prompt_block
+            or boundary == self.branch_tokens
+            or boundary > self.prompt_tokens
+        )
 
     def chunk_limit(self, target: int) -> int:
         """Tokens the next prefill step may take, up to ``target``: it ends where a state is taken

@@ -10,8 +10,11 @@ restored only up to a block that carries one. Which blocks carry one:
 - every ``StateLayout.every``-th block, with ``every`` the smallest interval at which the stored
   states take no more bytes than the same blocks' K/V would in a model of the same shape whose
   every layer were full attention (so a hybrid never stores more per cached token than a
-  full-attention model of its size, however large its states);
+  full-attention model of its size, however large its states), and at least
+  ``STATE_INTERVAL_MIN_TOKENS`` (each stop makes the prefill a step shorter, and slower);
 - the last full block of every prompt (a repeated or extended prompt restores all of it);
+- the last block a prompt's lookup matched, when it carries no state yet (where two prompts
+  part: the next one that shares that prefix restores all of it);
 - during decode, the last block boundary reached (a chat's next turn restores its history).
 
 A prefill stops at each of those boundaries to take the state there (``CacheKV.chunk_limit``).
@@ -39,6 +42,14 @@ Continuation = Literal["chunk", "token"]
 TOKEN_SUFFIX_MAX = 512
 """A "token" model restores a prefix only when at most this many tokens follow it: fed one at a
 time, a longer suffix costs more than prefilling the whole prompt in one step."""
+
+STATE_INTERVAL_MIN_TOKENS = 512
+"""The shortest stretch between periodic states. A prefill stops wherever a state is taken, and
+short steps are slow: on 2 CPU cores a 2048-token cold prefill of an LFM2-style hybrid took 2.1x
+one unbroken forward with a state every 64 tokens, 1.3x every 256 and 1.2x every 512
+(``bench/layer_kinds_bench.py``). Prompt ends, decode ends and the ends of matched prefixes
+carry states whatever this is, so what it costs is only the part of a first shared prefix
+past its last periodic state, recomputed until a second prompt branches there."""
 
 _PROBE_PREFIX = 8
 _PROBE_SUFFIX = 4
@@ -80,8 +91,8 @@ class StateLayout:
         fed = "many tokens per step" if self.continuation == "chunk" else "one token per step after a restore"
         return (
             f"{len({s.layer for s in self.specs})} recurrent layer(s) keep {self.nbytes} state bytes, "
-            f"stored after every {self.every * block_size} tokens, each prompt's last block and the "
-            f"last decoded one ({fed})"
+            f"stored after every {self.every * block_size} tokens, each prompt's last block, where a "
+            f"prompt leaves a cached prefix and the last decoded block ({fed})"
         )
 
 
@@ -131,10 +142,13 @@ def load(cache: DynamicCache, states: Sequence[StateTensor], n_tokens: int, devi
 
 def interval(specs: Sequence[StateSpec], reference_bytes_per_token: int, block_size: int) -> int:
     """Blocks between stored states: the states of a stretch of blocks take no more bytes than
-    ``reference_bytes_per_token`` (K/V per token of the model with every layer full attention)."""
+    ``reference_bytes_per_token`` (K/V per token of the model with every layer full attention),
+    and the stretch is at least ``STATE_INTERVAL_MIN_TOKENS`` long."""
     state_bytes = sum(spec.nbytes for spec in specs)
     per_block = max(reference_bytes_per_token * block_size, 1)
-    return max(1, math.ceil(state_bytes / per_block))
+    by_bytes = math.ceil(state_bytes / per_block)
+    by_compute = math.ceil(STATE_INTERVAL_MIN_TOKENS / block_size)
+    return max(1, by_bytes, by_compute)
 
 
 def reference_bytes_per_token(model: PreTrainedModel, kv_heads_dim: int | None, dtype: torch.dtype) -> int:
