@@ -40,6 +40,7 @@ from pathlib import Path
 
 import xxhash
 
+from cache_store.listener import BlockListener, ChangeLog
 from cache_store.store import Buffer, StoreStats
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,19 @@ class _Entry:
 
 
 class DiskStore:
-    """Block records as files under ``root``, at most ``max_bytes`` on disk (frames included)."""
+    """Block records as files under ``root``, at most ``max_bytes`` on disk (frames included).
+    ``events``, when given, hears of every block stored, evicted and deleted (a corrupt file
+    removed counts as deleted) and of every clear (``cache_store.listener``)."""
 
     name = "disk"
 
-    def __init__(self, root: Path | str, max_bytes: int) -> None:
+    def __init__(self, root: Path | str, max_bytes: int, *, events: BlockListener | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._changes = ChangeLog(self.name, events)
         self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # oldest access first
         self._bytes = 0
         self._hits = 0
@@ -122,6 +126,8 @@ class DiskStore:
             for key in keys:
                 if self._remove_locked(key, "delete"):
                     removed += 1
+                    self._changes.note("deleted", key)
+            self._changes.emit()
         return removed
 
     def clear(self) -> int:
@@ -129,7 +135,13 @@ class DiskStore:
             keys = list(self._index)
             for key in keys:
                 self._remove_locked(key, "clear")
+            self._changes.cleared()
         return len(keys)
+
+    def keys(self) -> list[bytes]:
+        """Every key in the index now (a snapshot, oldest access first)."""
+        with self._lock:
+            return list(self._index)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -218,6 +230,8 @@ class DiskStore:
             entry = self._index.pop(key, None)
             if entry is not None:
                 self._bytes -= entry.nbytes
+                self._changes.note("deleted", key)
+                self._changes.emit()
             if current is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -257,8 +271,10 @@ class DiskStore:
             self._index[key] = _Entry(nbytes=size, verified=True, touched_at=time.time())
             self._bytes += size
             self._puts += 1
+            self._changes.note("stored", key)
             self._came_back_locked()
             self._evict_locked()
+            self._changes.emit()
         return True
 
     def _write_failed(self, exc: OSError) -> None:
@@ -291,6 +307,7 @@ class DiskStore:
             oldest = next(iter(self._index))
             self._remove_locked(oldest, "evict")
             self._evictions += 1
+            self._changes.note("evicted", oldest)
 
     def _remove_locked(self, key: bytes, op: str) -> bool:
         entry = self._index.pop(key, None)
@@ -334,6 +351,7 @@ class DiskStore:
             self._ready = True
             self._came_back_locked()
             self._evict_locked()  # the cap may have shrunk since the last run
+            self._changes.emit()
 
     def _path(self, key: bytes) -> Path:
         name = key.hex()

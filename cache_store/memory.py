@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from cache_store.listener import BlockListener, ChangeLog
 from cache_store.store import Buffer, StoreStats
 
 
@@ -62,7 +63,8 @@ class MemoryStore:
     """Block records in process memory, at most ``max_bytes`` of values.
 
     Values are kept as the very objects given (no copy; a ``memoryview`` is materialized once),
-    so the caller must not mutate a buffer after putting it.
+    so the caller must not mutate a buffer after putting it. ``events``, when given, hears of every
+    block stored, evicted and deleted and of every clear (``cache_store.listener``).
     """
 
     name = "memory"
@@ -71,12 +73,19 @@ class MemoryStore:
     # many such answers in a row the put is refused instead.
     _MAX_STALE_VICTIMS = 64
 
-    def __init__(self, max_bytes: int, policy: EvictionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        policy: EvictionPolicy | None = None,
+        *,
+        events: BlockListener | None = None,
+    ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must not be negative, got {max_bytes}")
         self.max_bytes = max_bytes
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._lock = threading.Lock()
+        self._changes = ChangeLog(self.name, events)
         self._data: dict[bytes, bytes | bytearray] = {}
         self._bytes = 0
         self._hits = 0
@@ -111,8 +120,10 @@ class MemoryStore:
                 value = bytes(raw) if isinstance(raw, memoryview) else raw
                 if self._put_locked(key, value):
                     stored += 1
+                    self._changes.note("stored", key)
                 else:
                     self._refused += 1
+            self._changes.emit()
         return stored
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
@@ -125,6 +136,8 @@ class MemoryStore:
             for key in keys:
                 if self._remove_locked(key):
                     removed += 1
+                    self._changes.note("deleted", key)
+            self._changes.emit()
         return removed
 
     def clear(self) -> int:
@@ -132,7 +145,13 @@ class MemoryStore:
             keys = list(self._data)
             for key in keys:
                 self._remove_locked(key)
+            self._changes.cleared()
             return len(keys)
+
+    def keys(self) -> list[bytes]:
+        """Every key held now (a snapshot, in no particular order)."""
+        with self._lock:
+            return list(self._data)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -193,6 +212,7 @@ class MemoryStore:
                 return False
             if self._remove_locked(victim):
                 self._evictions += 1
+                self._changes.note("evicted", victim)
                 stale = 0
             else:
                 # The policy named a key we do not hold (e.g. a trie node known only to a lower

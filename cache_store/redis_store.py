@@ -43,9 +43,36 @@ _BREAKER_FAILURES = 3
 # until their connection is closed; past that, new calls wait in the queue and time out too.
 _CALL_THREADS = 4
 
+EVENTS_INFIX = "events:"
+"""Keys ``<prefix>events:<epoch>`` are replicas' block event streams (``cache_store.events``), not
+blocks: a clear leaves them alone (they belong to every replica under the prefix, and expire)."""
+
 
 class CallDeadlineExceeded(TimeoutError):
     """A Redis call did not complete within ``timeout_ms``."""
+
+
+def connect(url: str, *, timeout_s: float, cluster: bool) -> redis.Redis | RedisCluster:
+    """A client for ``url`` whose every socket operation is bounded by ``timeout_s``. No retry
+    that could double the bound: one immediate retry of a dropped pooled connection (standalone),
+    none at cluster level. A cluster client talks to the nodes here, so this may raise."""
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        # One immediate retry on a dropped connection only (a pooled socket the server closed,
+        # e.g. after a restart); never on a timeout, which would double the bound.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
 
 
 def redact_url(url: str) -> str:
@@ -170,13 +197,17 @@ class RedisStore:
         return self._call("delete", lambda client: int(client.unlink(*rkeys))) or 0
 
     def clear(self) -> int:
-        """Delete every key under this store's prefix (SCAN + UNLINK; never FLUSHDB)."""
+        """Delete every key under this store's prefix (SCAN + UNLINK; never FLUSHDB), except the
+        replicas' event streams (``EVENTS_INFIX``)."""
         pattern = _glob_escape(self.prefix) + "*"
+        streams = self._prefix_bytes + EVENTS_INFIX.encode()
 
         def scan_and_unlink(client: Any) -> int:
             removed = 0
             batch: list[bytes] = []
             for rkey in client.scan_iter(match=pattern, count=1000):
+                if rkey.startswith(streams):
+                    continue
                 batch.append(rkey)
                 if len(batch) >= _CLEAR_BATCH:
                     removed += int(client.unlink(*batch))
@@ -302,27 +333,9 @@ class RedisStore:
         with self._lock:
             if self._client is not None:
                 return self._client
-        timeout = self.timeout_ms / 1000.0
-        if self.cluster:
-            # Built lazily: RedisCluster talks to the nodes in its constructor, which must not
-            # raise out of ours. No cluster-level retries: each one could cost another timeout.
-            client: redis.Redis | RedisCluster = RedisCluster.from_url(
-                self._url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-        else:
-            client = redis.Redis.from_url(
-                self._url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # One immediate retry on a dropped connection only (a pooled socket the server
-                # closed, e.g. after a restart); never on a timeout, which would double the bound.
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                retry_on_timeout=False,
-                health_check_interval=0,
-            )
+        # Built lazily: RedisCluster talks to the nodes in its constructor, which must not raise
+        # out of ours.
+        client = connect(self._url, timeout_s=self.timeout_ms / 1000.0, cluster=self.cluster)
         with self._lock:
             if self._client is None:
                 self._client = client

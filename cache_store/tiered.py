@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from cache_store.memory import MemoryStore
 from cache_store.store import BlockStore, Buffer, StoreStats
@@ -29,6 +29,15 @@ StoreObserver = Callable[[str, str, float, bool], None]
 
 _BATCH_ITEMS = 64
 _STOP = object()
+
+
+@runtime_checkable
+class ListableStore(Protocol):
+    """A tier of this process that can list what it holds (memory, disk; not a shared Redis)."""
+
+    name: str
+
+    def keys(self) -> list[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,12 @@ class TieredStore:
 
     def stats(self) -> dict[str, StoreStats]:
         return {tier.name: tier.stats() for tier in (self.memory, *self.lower)}
+
+    def held_keys(self) -> dict[str, list[bytes]]:
+        """What each tier that can list holds now, by tier name (a cache-aware router's
+        snapshot of this replica; a shared Redis is asked by the router itself)."""
+        tiers = (self.memory, *self.lower)
+        return {tier.name: tier.keys() for tier in tiers if isinstance(tier, ListableStore)}
 
     def writer_stats(self) -> WriterStats:
         with self._cond:

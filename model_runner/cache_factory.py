@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_store.disk import DiskStore
+from cache_store.listener import BlockListener
 from cache_store.memory import MemoryStore
 from cache_store.pins import PinTable
 from cache_store.prefix_cache import PrefixCache
@@ -75,10 +76,12 @@ def build_prefix_cache(
     *,
     observer: StoreObserver | None = None,
     clock: Callable[[], float] = time.monotonic,
+    events: BlockListener | None = None,
 ) -> PrefixCache:
     """A ``PrefixCache`` over memory (evicting only unlocked, unpinned trie leaves) in front of
     the lower tiers ``options`` turns on, disk first (cheaper than the network), then Redis.
-    ``clock`` times the pins' TTLs (tests pass their own)."""
+    ``clock`` times the pins' TTLs (tests pass their own). ``events`` hears what the memory and
+    disk tiers store and drop (``cache_store.events.BlockEvents.emit``, for a cache-aware router)."""
     trie = PrefixTrie()
     pins = PinTable(
         trie,
@@ -87,10 +90,10 @@ def build_prefix_cache(
         tenant_fraction=options.pinned_tenant_fraction,
         clock=clock,
     )
-    memory = MemoryStore(options.memory_bytes, policy=trie)
+    memory = MemoryStore(options.memory_bytes, policy=trie, events=events)
     lower: list[BlockStore] = []
     if options.disk_dir is not None:
-        lower.append(DiskStore(options.disk_dir, options.disk_bytes))
+        lower.append(DiskStore(options.disk_dir, options.disk_bytes, events=events))
     if options.redis_url is not None:
         lower.append(
             RedisStore(

@@ -6,13 +6,18 @@ server and the offline warmup always build the same stores the same way.
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from cache_store.events import BlockEvents
 from cache_store.prefix_cache import PrefixCache
 from cache_store.store import StoreStats
 from cache_store.tiered import TierClear
@@ -43,13 +48,27 @@ def store_options(settings: ServeSettings) -> StoreOptions:
     )
 
 
+@dataclass(frozen=True)
+class BlockSnapshot:
+    """What this replica's listable tiers held, with the last event seq given before the listing
+    (replaying the events after ``seq`` over it gives the current state, never less)."""
+
+    epoch: str | None
+    seq: int
+    held: dict[str, list[bytes]]
+
+
 @dataclass
 class Runtime:
     engine: Engine
     cache: PrefixCache | None
     block_size: int
+    events: BlockEvents | None = None
+    """The block event stream a cache-aware router follows (only with a Redis URL)."""
     last_tier_stats: dict[str, StoreStats] = field(default_factory=dict)
     """The latest figures, for /health when a tier is too slow to answer right now."""
+    _tokenizer_files: dict[str, str] | None = field(default=None, init=False, repr=False)
+    _files_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def device(self) -> str:
@@ -95,6 +114,28 @@ class Runtime:
             "tenant_max_bytes": stats.tenant_max_bytes,
         }
 
+    def block_snapshot(self) -> BlockSnapshot:
+        """The hashes memory and disk hold now. The seq is taken first: an event given while the
+        tiers are listed has a higher seq, so a router replaying the events after it misses
+        nothing (a stored block listed and replayed again is the same block)."""
+        seq = self.events.last_seq() if self.events is not None else 0
+        held = self.cache.store.held_keys() if self.cache is not None else {}
+        return BlockSnapshot(epoch=self.epoch, seq=seq, held=held)
+
+    @property
+    def epoch(self) -> str | None:
+        """This start's event epoch (``None`` without events): a new one means a restart."""
+        return self.events.epoch if self.events is not None else None
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """The loaded tokenizer as the files ``save_pretrained`` writes, base64 by relative path:
+        a router rebuilds the very tokenizer from them (no weights) to hash prompts the same way.
+        Saved once (slow: run it off the event loop)."""
+        with self._files_lock:
+            if self._tokenizer_files is None:
+                self._tokenizer_files = saved_tokenizer_files(self.engine.loaded.tokenizer)
+            return self._tokenizer_files
+
     def locked_blocks(self) -> int:
         return len(self.cache.trie.locked_blocks()) if self.cache is not None else 0
 
@@ -133,7 +174,34 @@ class Runtime:
         stopped = self.engine.close(grace_s=grace_s)
         if self.cache is not None:
             self.cache.store.close(timeout_s=drain_s)
+        if self.events is not None:
+            # Last: the drained writer's disk events go out too.
+            self.events.close(timeout_s=drain_s)
         return stopped
+
+
+def saved_tokenizer_files(tokenizer: Any) -> dict[str, str]:
+    """``tokenizer.save_pretrained`` into a temp dir, read back as ``{relative path: base64}``."""
+    with tempfile.TemporaryDirectory(prefix="kvproxy-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        root = Path(tmp)
+        return {
+            path.relative_to(root).as_posix(): base64.b64encode(path.read_bytes()).decode("ascii")
+            for path in sorted(root.rglob("*"))
+            if path.is_file()
+        }
+
+
+def block_events(settings: ServeSettings) -> BlockEvents | None:
+    """The replica's block event stream, with a Redis URL only (the router reads it there)."""
+    if settings.redis_url is None:
+        return None
+    return BlockEvents(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        cluster=settings.redis_cluster,
+        timeout_ms=settings.store_timeout_ms,
+    )
 
 
 def engine_config(settings: ServeSettings) -> EngineConfig:
@@ -151,27 +219,39 @@ def build_runtime(
     *,
     observer: StepObserver | None = None,
     clock: Callable[[], float] = time.monotonic,
+    publish_events: bool = False,
 ) -> Runtime:
     """Load the model and build its cache and engine (slow: run it off the event loop).
-    ``clock`` times pins (tests give their own)."""
+    ``clock`` times pins (tests give their own). ``publish_events``: a serving replica with a
+    Redis URL publishes its block events for a router (an offline warmup has no one to tell)."""
     loaded = load_model(
         settings.model, device=settings.device, dtype=settings.dtype, max_context=settings.max_context
     )
     cache: PrefixCache | None = None
-    if loaded.cacheable:
-        store_observer = metrics.observe_store if metrics is not None else None
-        cache = build_prefix_cache(
-            store_options(settings), settings.block_size, observer=store_observer, clock=clock
+    events = block_events(settings) if publish_events and loaded.cacheable else None
+    try:
+        if loaded.cacheable:
+            store_observer = metrics.observe_store if metrics is not None else None
+            cache = build_prefix_cache(
+                store_options(settings),
+                settings.block_size,
+                observer=store_observer,
+                clock=clock,
+                events=events.emit if events is not None else None,
+            )
+        else:
+            log.warning("prefix caching is off for %s: %s", settings.model_name, loaded.cache_reason)
+        engine = Engine(
+            loaded,
+            cache,
+            settings.block_size,
+            engine_config(settings),
+            observer=observer,
         )
-    else:
-        log.warning("prefix caching is off for %s: %s", settings.model_name, loaded.cache_reason)
-    engine = Engine(
-        loaded,
-        cache,
-        settings.block_size,
-        engine_config(settings),
-        observer=observer,
-    )
+    except BaseException:
+        if events is not None:
+            events.close(timeout_s=1.0)
+        raise
     if engine.batching_reason is not None:
         log.warning("requests to %s run one at a time: %s", settings.model_name, engine.batching_reason)
-    return Runtime(engine=engine, cache=cache, block_size=settings.block_size)
+    return Runtime(engine=engine, cache=cache, block_size=settings.block_size, events=events)

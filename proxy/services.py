@@ -65,7 +65,11 @@ class Services:
     def _load(self) -> None:
         try:
             runtime = build_runtime(
-                self.settings, self.metrics, observer=self._observe_step, clock=self.clock
+                self.settings,
+                self.metrics,
+                observer=self._observe_step,
+                clock=self.clock,
+                publish_events=True,
             )
         except Exception as exc:
             # A LoadError's message says it all; anything else is a bug worth its traceback.

@@ -1,4 +1,6 @@
-"""Admin routes: GET /v1/cache/stats, DELETE /v1/cache, POST /v1/cache/warmup."""
+"""Admin routes: GET /v1/cache/stats, DELETE /v1/cache, POST /v1/cache/warmup, and what a
+cache-aware router (``kvproxy route``) reads from a replica: GET /v1/cache/info (how to hash a
+prompt as this replica does) and GET /v1/cache/blocks (what its memory and disk hold)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends
 
+from cache_store.hashing import FORMAT_VERSION
 from proxy.body import documented_body, json_body
 from proxy.deps import AdminDep, GenerationDep, RuntimeDep, ServicesDep
 from proxy.generation import overloaded
+from proxy.runtime import Runtime
 from proxy.schemas import WarmupRequest
 from proxy.worker import EngineClosed, QueueFull, on_engine
 from proxy.worker import warmup as engine_warmup
@@ -60,6 +64,47 @@ async def cache_stats(
         "batch": generation.batch_figures(),
         "cancelled": {"requests": engine.cancelled_requests, "completion_tokens": engine.cancelled_tokens},
         **summary,
+    }
+
+
+@router.get("/v1/cache/info")
+async def cache_info(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """Everything a router needs to compute this replica's block hashes without the weights: the
+    namespace's inputs (fingerprint, block size, format version; the tenant and ``cache_salt``
+    come with each request) and the tokenizer itself; and where this replica's events are."""
+    settings = services.settings
+    files = await asyncio.to_thread(runtime.tokenizer_files)
+    events = runtime.events
+    return {
+        "model": settings.model_name,
+        "served_model_names": list(settings.served_model_names),
+        "fingerprint": runtime.engine.fingerprint,
+        "block_size": runtime.block_size,
+        "max_context": runtime.max_context,
+        "cacheable": runtime.cacheable,
+        "format_version": FORMAT_VERSION,
+        "keep_billing_header": settings.keep_billing_header,
+        "tokenizer_files": files,
+        "events": None if events is None else {"stream": events.stream, "epoch": events.epoch},
+        "redis_prefix": settings.redis_prefix if settings.redis_url else None,
+    }
+
+
+@router.get("/v1/cache/blocks")
+async def cache_blocks(_: AdminDep, runtime: RuntimeDep) -> dict[str, Any]:
+    """A snapshot of the blocks this replica holds, as hex hashes per tier, and the last event seq
+    given before it was listed: apply the stream's events after ``seq`` to keep it current."""
+    return await asyncio.to_thread(_snapshot_json, runtime)
+
+
+def _snapshot_json(runtime: Runtime) -> dict[str, Any]:
+    """Off the event loop: a large memory tier lists hundreds of thousands of hashes."""
+    snapshot = runtime.block_snapshot()
+    return {
+        "epoch": snapshot.epoch,
+        "seq": snapshot.seq,
+        "memory": [key.hex() for key in snapshot.held.get("memory", [])],
+        "disk": [key.hex() for key in snapshot.held.get("disk", [])],
     }
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from proxy.deps import ServicesDep
+from proxy.runtime import Runtime
 from proxy.settings import redact_url
 
 router = APIRouter()
@@ -50,6 +51,9 @@ async def health(services: ServicesDep) -> JSONResponse:
         block_size=settings.block_size,
         cacheable=runtime.cacheable,
         tiers=tier_state,
+        # A router polling /health sees a restart as a new epoch (memory empty, a new stream).
+        epoch=runtime.epoch,
+        events=_events_state(runtime),
         queue={
             "waiting": engine.waiting,
             "max": settings.max_queue,
@@ -58,3 +62,16 @@ async def health(services: ServicesDep) -> JSONResponse:
         },
     )
     return JSONResponse(body)
+
+
+def _events_state(runtime: Runtime) -> dict[str, Any] | None:
+    """The block event stream's figures (``None`` without one): how far it has got, what it lost."""
+    if runtime.events is None:
+        return None
+    stats = runtime.events.stats()
+    return {
+        "stream": stats.stream,
+        "seq": stats.last_seq,
+        "published": stats.published,
+        "dropped": stats.dropped,
+    }
