@@ -207,6 +207,11 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template refused this conversation: {exc}") from exc
         return str(text)
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of a plain completion prompt: the tokenizer adds its own special tokens (BOS,
+        when it has one). The engine and the router (``proxy.route``) both encode through here."""
+        return list(self._tokenizer(text)["input_ids"])
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of rendered text; the template wrote its own special tokens (BOS too, if any)."""
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])

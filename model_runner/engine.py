@@ -229,7 +229,7 @@ class Engine:
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a plain completion prompt (with the tokenizer's BOS when it adds one)."""
-        return list(self._tokenizer(text)["input_ids"])
+        return self.chat.encode_plain(text)
 
     # -- submitting (any thread) ---------------------------------------------------------------
 

@@ -57,7 +57,14 @@ class ChatPlan:
 class ChatPlanner:
     """Chat rendering, constraints and output parsing of the one served model."""
 
-    def __init__(self, template: ChatTemplate, compiler: GrammarCompiler, parsers: ParserSpec) -> None:
+    def __init__(
+        self,
+        template: ChatTemplate,
+        compiler: GrammarCompiler | None = None,
+        parsers: ParserSpec | None = None,
+    ) -> None:
+        """Without ``compiler`` and ``parsers`` it only renders prompts (``prompt_ids``,
+        ``prompt_text``): what ``kvproxy route`` needs to hash them as the replicas do."""
         self.template = template
         self._compiler = compiler
         self._parsers = parsers
@@ -166,11 +173,15 @@ class ChatPlanner:
 
     def parser(self, plan: ChatPlan, rng: random.Random | None = None) -> OutputParser:
         """A fresh output parser for one choice of ``plan``."""
+        if self._parsers is None:
+            raise RuntimeError("this planner only renders prompts")
         return self._parsers.new(
             prompt_text=plan.prompt_text, tools=plan.tools, parse_tools=plan.parse_tools, rng=rng
         )
 
     def _compile(self, grammar: Any, param: str) -> Constraint:
+        if self._compiler is None:
+            raise RuntimeError("this planner only renders prompts")
         try:
             return self._compiler.compile(grammar)
         except GrammarError as exc:

@@ -76,7 +76,11 @@ class MessagesPlanner:
     def count(self, conv: Conversation) -> int:
         """``/v1/messages/count_tokens``: the prompt's length as ``plan`` would render it."""
         breakpoints(conv, keep_billing_header=self._keep_billing_header)  # the same 400s
-        return len(self._planner.prompt_ids(self.chat_request(conv), self._variables(conv)))
+        return len(self.prompt_ids(conv))
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        """The prompt's token ids as ``plan`` renders them (no constraint, no breakpoints)."""
+        return self._planner.prompt_ids(self.chat_request(conv), self._variables(conv))
 
     # -- helpers ---------------------------------------------------------------------------------
 
