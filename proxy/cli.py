@@ -1,4 +1,4 @@
-"""The ``kvproxy`` command: serve, warmup, stats, flush, pins, pin, unpin.
+"""The ``kvproxy`` command: serve, route, warmup, stats, flush, pins, pin, unpin.
 
 Serve options are generated from ``ServeSettings`` so the flags, the ``KVPROXY_*`` variables and
 the settings can never disagree. Only flags the user actually gave are passed on, so a flag beats
@@ -106,6 +106,42 @@ def add_settings_options(parser: argparse.ArgumentParser, names: Iterable[str]) 
             )
 
 
+def add_route_options(parser: argparse.ArgumentParser) -> None:
+    from proxy.route.settings import HELP, RouteSettings
+
+    for name, field in RouteSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        alias = field.validation_alias
+        env = alias.choices[0] if alias is not None else f"KVPROXY_ROUTE_{name.upper()}"  # type: ignore[union-attr]
+        help_text = f"{HELP.get(name, '')} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
+            )
+        elif name == "replica":
+            parser.add_argument(
+                flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="URL", help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
+            )
+
+
+def route(args: argparse.Namespace) -> int:
+    from proxy.route.prompts import ReplicaInfoError
+    from proxy.route.server import run
+    from proxy.route.settings import RouteSettings
+
+    names = RouteSettings.model_fields
+    settings = RouteSettings(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    try:
+        return run(settings)
+    except ReplicaInfoError as exc:
+        print(f"kvproxy route: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def settings_from_args(args: argparse.Namespace, names: Iterable[str]) -> ServeSettings:
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     return ServeSettings(**given)
@@ -128,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
     add_settings_options(serve, ServeSettings.model_fields)
+
+    route = sub.add_parser("route", help="run the cache-aware router in front of `kvproxy serve` replicas")
+    add_route_options(route)
 
     warm = sub.add_parser("warmup", help="prefill prompts into the cache")
     warm.add_argument("files", nargs="+", metavar="FILE", help="JSONL ({prompt} / {messages}) or text")
@@ -259,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "route":
+            return route(args)
         if args.command == "warmup":
             from proxy import cli_warmup  # the request schemas, and torch with them: warmup only
 

@@ -36,8 +36,8 @@ class FakeClock:
 
 
 class InProcessServer:
-    def __init__(self, settings: ServeSettings, clock: FakeClock) -> None:
-        self.port = free_port()
+    def __init__(self, settings: ServeSettings, clock: FakeClock, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port})
         self.url = f"http://127.0.0.1:{self.port}"
         self.clock = clock

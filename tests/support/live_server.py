@@ -23,7 +23,8 @@ START_TIMEOUT_S = 90.0
 
 
 class LiveServer:
-    """``kvproxy serve ARGS`` with its log in ``log_path``; ``start()`` waits until /health is 200."""
+    """``kvproxy serve ARGS`` (or another ``command``, e.g. ``route``) with its log in ``log_path``;
+    ``start()`` waits until /health is 200."""
 
     def __init__(
         self,
@@ -33,7 +34,9 @@ class LiveServer:
         cache_dir: Path,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        command: str = "serve",
     ) -> None:
+        self.command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
@@ -59,7 +62,7 @@ class LiveServer:
     def start(self) -> LiveServer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", *self.args],
+                [sys.executable, "-m", "proxy.cli", self.command, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
