@@ -1,9 +1,11 @@
 """The router's FastAPI app: the same routes as a replica, answered by the replicas.
 
 Generation routes go to one replica chosen by the `Picker`; ``GET /v1/models`` to any healthy
-one; the cache admin routes to every healthy one (their answers side by side); ``/health`` and
-``/metrics`` are the router's own. One shared ``httpx.AsyncClient`` carries everything, so
-connections to the replicas are pooled and kept alive.
+one; the cache admin routes to every healthy one (their answers side by side); ``/health``,
+``/metrics``, ``/v1/route/stats`` (the metrics' figures as JSON) and ``/dashboard`` (the page that
+shows them with every replica's stats side by side) are the router's own. One shared
+``httpx.AsyncClient`` carries everything, so connections to the replicas are pooled and kept
+alive.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from proxy.body import MAX_BODY_BYTES
 from proxy.errors import PayloadTooLarge, install_error_handlers
@@ -32,6 +35,8 @@ from proxy.route.picking import Picker, RouteRequest, least_loaded_order
 from proxy.route.replicas import Replicas
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens")
+PREFIX_ADMIN_ROUTES = ("/v1/cache/warmup", "/v1/cache/pins")
+"""Admin routes that prefill a prefix: sent where that prefix routes, so later requests find it."""
 DEFAULT_TIMEOUT = httpx.Timeout(connect=2.0, read=600.0, write=60.0, pool=30.0)
 """Connect fails fast (the next replica is tried); read is per chunk, and a non-streamed answer
 sends nothing until its generation is done, hence the long read timeout."""
@@ -106,8 +111,16 @@ def _router(services: RouterServices) -> APIRouter:
         )
         return await services.forwarder.route(route, _outgoing(request, body))
 
-    for path in GENERATION_ROUTES:
+    for path in (*GENERATION_ROUTES, *PREFIX_ADMIN_ROUTES):
         router.add_api_route(path, generation, methods=["POST"], include_in_schema=False)
+
+    @router.get("/v1/cache/pins", include_in_schema=False)
+    async def pins_list(request: Request) -> Response:
+        return await fan_out(services, request)
+
+    @router.delete("/v1/cache/pins/{pin_id}", include_in_schema=False)
+    async def pin_delete(request: Request) -> Response:
+        return await fan_out(services, request)
 
     @router.get("/v1/models", include_in_schema=False)
     async def models(request: Request) -> Response:
@@ -139,6 +152,17 @@ def _router(services: RouterServices) -> APIRouter:
     @router.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(services.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @router.get("/v1/route/stats", include_in_schema=False)
+    async def route_stats() -> JSONResponse:
+        # Open like /metrics, which carries the same figures; the replicas' stats need their key.
+        return JSONResponse(services.metrics.snapshot())
+
+    @router.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        # Open like a replica's page; it asks for an admin key to read the replicas' stats.
+        page = files("proxy").joinpath("static/route_dashboard.html").read_text(encoding="utf-8")
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     return router
 

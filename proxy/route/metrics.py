@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -22,6 +23,7 @@ class RouteMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._replicas: list[str] = []
         self._decisions = Counter(
             "kvproxy_route_decisions_total",
             "Requests routed, by the replica that answered and why it was chosen.",
@@ -56,6 +58,8 @@ class RouteMetrics:
     def add_replicas(self, urls: Iterable[str]) -> None:
         """Create every per-replica series at zero, so a dashboard sees idle replicas too."""
         for url in urls:
+            if url not in self._replicas:
+                self._replicas.append(url)
             self._in_flight.labels(replica=url).set(0)
             self._retries.labels(replica=url)
             self._expected.labels(replica=url)
@@ -81,6 +85,36 @@ class RouteMetrics:
     def render(self) -> bytes:
         """The Prometheus text format of every series."""
         return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The same figures as JSON (``GET /v1/route/stats``): per replica (in the order added,
+        then any other that has a figure) and summed in ``total``: ``decisions`` by reason,
+        ``routed`` (their sum), ``in_flight``, ``retries``, ``expected_cached_tokens`` (what the
+        picker promised) and ``cached_tokens`` (what the replicas reported)."""
+        decisions = _samples(self._decisions, "_total")
+        figures = {
+            "in_flight": _samples(self._in_flight, ""),
+            "retries": _samples(self._retries, "_total"),
+            "expected_cached_tokens": _samples(self._expected, "_total"),
+            "cached_tokens": _samples(self._cached, "_total"),
+        }
+        seen = [labels["replica"] for labels, _ in decisions]
+        seen += [labels["replica"] for series in figures.values() for labels, _ in series]
+        replicas = {url: _empty_figures() for url in dict.fromkeys([*self._replicas, *seen])}
+        for labels, value in decisions:
+            entry = replicas[labels["replica"]]
+            entry["decisions"][labels["reason"]] = entry["decisions"].get(labels["reason"], 0) + value
+            entry["routed"] += value
+        for name, series in figures.items():
+            for labels, value in series:
+                replicas[labels["replica"]][name] += value
+        total = _empty_figures()
+        for entry in replicas.values():
+            for reason, value in entry["decisions"].items():
+                total["decisions"][reason] = total["decisions"].get(reason, 0) + value
+            for name in ("routed", *figures):
+                total[name] += entry[name]
+        return {"replicas": replicas, "total": total}
 
 
 class CachedTokensTap:
@@ -151,6 +185,28 @@ class CachedTokensTap:
         found = cached_tokens(usage)
         if found is not None:
             self._found = found
+
+
+def _samples(metric: MetricWrapperBase, suffix: str) -> list[tuple[dict[str, str], int]]:
+    """(labels, value) of every series of ``metric``; ``suffix`` picks the counter's ``_total``
+    samples over its ``_created`` ones."""
+    return [
+        (sample.labels, int(sample.value))
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.name == family.name + suffix
+    ]
+
+
+def _empty_figures() -> dict[str, Any]:
+    return {
+        "decisions": {},
+        "routed": 0,
+        "in_flight": 0,
+        "retries": 0,
+        "expected_cached_tokens": 0,
+        "cached_tokens": 0,
+    }
 
 
 def cached_tokens(usage: Any) -> int | None:

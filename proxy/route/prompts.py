@@ -27,7 +27,13 @@ from proxy.anthropic.schemas import CountTokensRequest, MessagesRequest
 from proxy.auth import OPEN_ACCESS, KeyTable
 from proxy.chat_plan import ChatPlanner
 from proxy.errors import InvalidRequest
-from proxy.schemas import ChatCompletionRequest, CompletionRequest
+from proxy.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    PinCreateRequest,
+    WarmupItem,
+    WarmupRequest,
+)
 
 log = logging.getLogger("kvproxy.route")
 
@@ -127,6 +133,12 @@ class PromptHasher:
         principal = self._keys.lookup(api_key.strip()) if api_key else None
         return principal.tenant if principal is not None else None
 
+    def _admin(self, api_key: str | None) -> bool:
+        if self._keys is None:
+            return True
+        principal = self._keys.lookup(api_key.strip()) if api_key else None
+        return principal is not None and principal.admin
+
     def prompt_ids(self, route: str, body: Mapping[str, Any]) -> tuple[list[int], str] | None:
         """The prompt's token ids and its ``cache_salt``; ``None`` when the body is not one the
         replica would serve (it answers the client's error itself)."""
@@ -143,6 +155,18 @@ class PromptHasher:
             if route == "/v1/messages/count_tokens":
                 counted = CountTokensRequest.model_validate(body)
                 return self._messages.prompt_ids(counted), counted.cache_salt or ""
+            if route in ("/v1/cache/warmup", "/v1/cache/pins"):
+                # Warmup: routed by its first item (the whole request goes to one replica).
+                item: WarmupItem
+                if route == "/v1/cache/warmup":
+                    item = WarmupRequest.model_validate(body).items[0]
+                else:
+                    item = PinCreateRequest.model_validate(body)
+                salt = str(body.get("cache_salt") or "")
+                if item.messages is not None:
+                    chat = ChatCompletionRequest(model=self.info.model, messages=item.messages)
+                    return self._chat.prompt_ids(chat), salt
+                return self.template.encode_plain(item.prompt or ""), salt
         except (ValidationError, InvalidRequest, ValueError, TypeError) as exc:
             log.debug("cannot render the prompt of a %s request: %s", route, exc)
         return None
@@ -150,6 +174,8 @@ class PromptHasher:
     def hashes(self, route: str, body: Mapping[str, Any], api_key: str | None) -> list[bytes] | None:
         """The chained hashes of the prompt's full blocks (``None``: cannot tell)."""
         tenant = self.tenant(api_key)
+        if route.startswith("/v1/cache/") and isinstance(body.get("tenant"), str) and self._admin(api_key):
+            tenant = body["tenant"]  # an operator warms or pins for a tenant
         rendered = self.prompt_ids(route, body)
         if tenant is None or rendered is None:
             return None

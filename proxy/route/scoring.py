@@ -4,9 +4,9 @@ For every healthy replica the request's blocks are walked in order (a replica re
 longest cached prefix, so the walk stops at the first block it cannot get): a block in that
 replica's memory costs nothing, one in its disk or in the shared Redis costs a restore
 (``restore_weight`` of a recompute), the rest are recomputed (1 each). A load term adds
-``load_weight`` blocks per request the replica is busy with (the router's own in-flight count,
-or the replica's running + waiting when it reports more). The lowest cost wins; ties go to the
-prompt's rendezvous home. Then:
+``load_weight`` blocks per request the replica is busy with (the router's own in-flight count
+plus the requests the replica last reported waiting to join its batch). The lowest cost wins;
+ties go to the prompt's rendezvous home. Then:
 
 - a load imbalance gate: when the winner is swamped (``imbalance_abs`` more requests than the
   least loaded and ``imbalance_rel`` times its load) the least loaded one takes it;
@@ -89,9 +89,10 @@ def rendezvous(key: bytes, urls: Sequence[str]) -> list[str]:
 
 
 def replica_load(replica: ReplicaState) -> float:
-    """Requests a replica is busy with: the router's own count, or what it last reported (running
-    + waiting) when that is more (other clients, or requests sent around the router)."""
-    return float(max(replica.in_flight, replica.running + replica.waiting))
+    """Requests a replica is busy with: those the router has in flight there, plus those its last
+    health probe saw waiting to join its batch (other clients' too). Its reported running count
+    is left out: up to a probe interval old, it would count requests that already finished."""
+    return float(replica.in_flight + replica.waiting)
 
 
 class CachePicker:

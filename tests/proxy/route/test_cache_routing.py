@@ -281,3 +281,31 @@ def test_without_redis_routing_goes_on_from_what_the_router_sent(
         )
     finally:
         stack.close()
+
+
+def test_warmup_and_pins_go_where_their_prefix_routes(stack: Stack) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    router = stack.router.url
+    doc = document("warm")
+    # An operator warms a conversation for tenant "other" through the router.
+    warm = {"items": [{"messages": messages(doc, "Q?")}], "tenant": "other"}
+    response = httpx.post(router + "/v1/cache/warmup", json=warm, headers=admin, timeout=60)
+    assert response.status_code == 200, response.text
+    warmed = response.headers["x-kvproxy-replica"]
+    expected = hashes_of(stack, messages(doc, "Q?"), key=OTHER_KEY)
+    held = httpx.get(warmed + "/v1/cache/blocks", headers=admin, timeout=10).json()["memory"]
+    assert set(expected) <= {bytes.fromhex(h) for h in held}
+    wait_until(lambda: set(expected) <= stack.memory(warmed), what="the warmed blocks in the index")
+    served, answer = chat(stack.client(router, OTHER_KEY), messages(doc, "Q?"))
+    assert served == warmed
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == len(expected) * BLOCK
+    # A pin goes where its prefix routes; listing and deleting pins fan out to every replica.
+    pin = {"prompt": document("pin"), "ttl_s": 60}
+    response = httpx.post(router + "/v1/cache/pins", json=pin, headers=admin, timeout=60)
+    assert response.status_code == 200, response.text
+    pinned_on, pin_id = response.headers["x-kvproxy-replica"], response.json()["pin"]["id"]
+    listed = httpx.get(router + "/v1/cache/pins", headers=admin, timeout=10).json()["replicas"]
+    assert set(listed) == set(stack.urls)
+    assert [p["id"] for p in listed[pinned_on]["pins"]] == [pin_id]
+    deleted = httpx.delete(f"{router}/v1/cache/pins/{pin_id}", headers=admin, timeout=10)
+    assert deleted.status_code == 200 and "deleted" in deleted.json()["replicas"][pinned_on]

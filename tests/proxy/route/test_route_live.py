@@ -5,6 +5,8 @@ client that leaves makes the replica cancel, and the cache admin routes fan out.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,12 +279,28 @@ def test_a_client_that_leaves_before_the_answer_makes_the_replica_cancel(
     body = {
         "model": model_id(tiny_llama_path),
         "messages": [{"role": "user", "content": "hello there"}],
-        "max_tokens": 400,
+        "max_tokens": 480,
         "temperature": 1.0,
         "seed": 1,
     }
-    with pytest.raises(httpx.TimeoutException):  # gives up and hangs up before any byte came back
-        httpx.post(router.url + "/v1/chat/completions", json=body, headers=ADMIN, timeout=0.5)
+
+    async def leave_while_it_runs() -> None:
+        # Hang up once the replica is generating (whatever the machine's load), before any byte
+        # of the non-streamed answer came back.
+        async with httpx.AsyncClient(timeout=60) as client:
+            sent = asyncio.create_task(
+                client.post(router.url + "/v1/chat/completions", json=body, headers=ADMIN)
+            )
+            deadline = time.monotonic() + 30
+            while (await asyncio.to_thread(stats, b))["queue"]["running"] == 0:
+                assert not sent.done(), "the answer came back before the replica was seen running"
+                assert time.monotonic() < deadline, "the request never ran"
+                await asyncio.sleep(0.01)
+            sent.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sent
+
+    asyncio.run(leave_while_it_runs())
     wait_cancelled(b, before)
     assert wait_idle(router)["replicas"][b.url]["in_flight"] == 0
 
