@@ -1,11 +1,12 @@
 """The replicas behind the router and what it knows of each: health, load, failures, epoch.
 
 Health is learned two ways. An active probe (``GET /health`` every ``health_interval_s``) makes a
-replica healthy (200) or unhealthy (503, an error, a timeout). Forwarded requests count passively:
-``fail_threshold`` consecutive failures (a connect error, a 5xx) take a replica out before the next
-probe notices, and only a successful probe brings it back. Whoever keeps per-replica knowledge (the
-picker's view of what each replica has cached) subscribes with ``on_down``: it hears when a replica
-becomes unhealthy or restarts (its ``/health`` ``epoch`` changed), since either loses its cache.
+replica healthy (200) or unhealthy (a 503 at once; ``PROBE_MISSES`` errors or timeouts in a row).
+Forwarded requests count passively: ``fail_threshold`` consecutive failures (a connect error, a
+5xx) take a replica out before the next probe notices, and only a successful probe brings it back.
+Whoever keeps per-replica knowledge (the picker's view of what each replica has cached) subscribes
+with ``on_down``: it hears when a replica becomes unhealthy or restarts (its ``/health`` ``epoch``
+changed), since either loses its cache.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ log = logging.getLogger("kvproxy.route")
 
 DownListener = Callable[[str], None]
 
+PROBE_MISSES = 2
+"""Health probes in a row that must go unanswered (error or timeout) before a replica is out."""
+
 
 @dataclass
 class ReplicaState:
@@ -40,6 +44,8 @@ class ReplicaState:
     epoch: str | int | None = None
     """The replica's per-start epoch from ``/health``: a change means it restarted, cache empty."""
     checked_at: float | None = field(default=None, repr=False)
+    probe_misses: int = 0
+    """Consecutive health probes that failed."""
     refused: str | None = None
     """Why the router never sends it a request (it serves another model or block size)."""
 
@@ -199,9 +205,14 @@ class Replicas:
                 log.info("replica %s is healthy", url)
             state.healthy = True
             state.failures = 0
-        elif state.healthy:
+            state.probe_misses = 0
+            return True
+        # A replica that answers "not ready" (503) is out at once; one that did not answer in time
+        # only after PROBE_MISSES in a row (a busy machine can delay one probe).
+        state.probe_misses += 1
+        if state.healthy and (health is not None or state.probe_misses >= PROBE_MISSES):
             self._set_unhealthy(state)
-        return ok
+        return False
 
     async def _probe_loop(self) -> None:
         while True:

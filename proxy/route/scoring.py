@@ -5,7 +5,8 @@ longest cached prefix, so the walk stops at the first block it cannot get): a bl
 replica's memory costs nothing, one in its disk or in the shared Redis costs a restore
 (``restore_weight`` of a recompute), the rest are recomputed (1 each). A load term adds
 ``load_weight`` blocks per request the replica is busy with (the router's own in-flight count
-plus the requests the replica last reported waiting to join its batch). The lowest cost wins;
+plus the requests the replica last reported waiting to join its batch), plus the blocks the
+requests routed there and not answered yet still have to prefill. The lowest cost wins;
 ties go to the prompt's rendezvous home. Then:
 
 - a load imbalance gate: when the winner is swamped (``imbalance_abs`` more requests than the
@@ -13,8 +14,8 @@ ties go to the prompt's rendezvous home. Then:
 - a request that no replica holds anything of goes to its home: rendezvous hashing on its
   ``prompt_cache_key`` if it has one, else on its first block (so a tenant's prefix keeps one
   home and a burst of new prompts spreads evenly);
-- a routed request's blocks count as in that replica's memory for ``soon_ttl_s`` (it is
-  prefilling them), so a burst on one new prefix sticks together.
+- a routed request's blocks count as in that replica's memory from the moment it is sent, for
+  ``soon_ttl_s`` (it is prefilling them), so a burst on one new prefix sticks together.
 
 What each replica holds comes from its block events (``EventFeed``); without them (no Redis,
 Redis down, a gap not yet reloaded) from what the router routed there lately (``approx_ttl_s``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +68,9 @@ class RouteWeights:
     imbalance_rel: float = 2.0
     soon_ttl_s: float = 5.0
     approx_ttl_s: float = 300.0
+    prefill_ttl_s: float = 10.0
+    """How long a routed request's blocks count as prefill work queued on its replica when it has
+    not answered yet (a streamed answer starts once its prefill is done; a plain one ends)."""
     shared_check_blocks: int = 256
     """At most this many blocks are looked up in Redis per request (one pipelined EXISTS)."""
 
@@ -112,6 +117,9 @@ class CachePicker:
         self.soon = RoutedBlocks(self.weights.soon_ttl_s)
         self.recent = RoutedBlocks(self.weights.approx_ttl_s)
         self._pending: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._prefilling: dict[str, dict[int, tuple[frozenset[bytes], float]]] = {}
+        """Replica -> the blocks each request sent there still has to prefill (until it answers,
+        at most ``prefill_ttl_s``)."""
 
     async def pick(self, request: RouteRequest, replicas: Sequence[ReplicaState]) -> Pick:
         urls = [r.url for r in replicas]
@@ -138,6 +146,7 @@ class CachePicker:
             and best.load > self.weights.imbalance_rel * least.load
         ):
             order = [least.url] + [s.url for s in scores if s.url != least.url]
+            self._prefill_on(least.url, request, hashes[least.cached :])
             return Pick(order=order, reason="imbalance", expected_cached_tokens=least.cached * bs)
         if best.cached < max(s.cached for s in scores):
             reason = "imbalance"  # the load outweighed a replica that holds more of the prompt
@@ -145,18 +154,23 @@ class CachePicker:
             reason = "memory"
         elif best.cached > 0:
             reason = "shared"
+        elif best.url != homes[0]:
+            reason = "least_loaded"  # nothing held anywhere, and the home was busier
         else:
-            # Nothing held anywhere: the home decides unless its load outweighs it.
             reason = "key" if home_key != hashes[0] else "cold_home"
+        self._prefill_on(best.url, request, hashes[best.cached :])
         return Pick(order=[s.url for s in scores], reason=reason, expected_cached_tokens=best.cached * bs)
 
     def routed(self, request: RouteRequest, replica: str, pick: Pick) -> None:
+        for waiting in self._prefilling.values():
+            waiting.pop(id(request), None)
         hashes = self._pending.pop(id(request), None)
         if hashes:
             self.soon.add(replica, hashes)
             self.recent.add(replica, hashes)
 
     def replica_down(self, replica: str) -> None:
+        self._prefilling.pop(replica, None)
         self.soon.forget(replica)
         self.recent.forget(replica)
         if self.feed is not None:
@@ -168,6 +182,26 @@ class CachePicker:
         self._pending[id(request)] = hashes
         while len(self._pending) > 4096:
             self._pending.popitem(last=False)
+
+    def _prefill_on(self, url: str, request: RouteRequest, uncached: list[bytes]) -> None:
+        """``request`` goes to ``url``: its blocks count as there from now (a burst on one new
+        prefix sticks together), and the ones it must compute as prefill work queued there."""
+        hashes = self._pending.get(id(request))
+        if hashes:
+            self.soon.add(url, hashes)
+        deadline = time.monotonic() + self.weights.prefill_ttl_s
+        self._prefilling.setdefault(url, {})[id(request)] = (frozenset(uncached), deadline)
+
+    def prefill_backlog(self, url: str, mine: frozenset[bytes] = frozenset()) -> int:
+        """Blocks that requests routed to ``url`` and not answered yet still have to prefill,
+        except the ones in ``mine`` (a request that shares them waits for them either way)."""
+        waiting = self._prefilling.get(url)
+        if not waiting:
+            return 0
+        now = time.monotonic()
+        for rid in [rid for rid, (_, deadline) in waiting.items() if deadline < now]:
+            del waiting[rid]
+        return sum(len(blocks - mine) for blocks, _ in waiting.values())
 
     def _score(self, url: str, hashes: list[bytes], load: float, home: int, shared: int = 0) -> _Score:
         """Cost of starting ``hashes`` on ``url``: memory blocks free, restored ones
@@ -190,7 +224,12 @@ class CachePicker:
             else:
                 break
         w = self.weights
-        cost = w.restore_weight * restored + (len(hashes) - memory - restored) + w.load_weight * load
+        cost = (
+            w.restore_weight * restored
+            + (len(hashes) - memory - restored)
+            + w.load_weight * load
+            + self.prefill_backlog(url, frozenset(hashes))
+        )
         return _Score(url, cost, memory, memory + restored, load, home)
 
     def _shared_prefix(self, hashes: list[bytes]) -> int:

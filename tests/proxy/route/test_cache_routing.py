@@ -251,6 +251,7 @@ def test_a_restarted_replica_starts_with_an_empty_index_and_a_killed_one_loses_n
         what="the restarted replica's new epoch",
     )
     assert not set(hashes) & stack.memory(b)
+
     # Stop one replica under traffic: every request through the router is still answered, and
     # once it is gone every request goes to the other.
     def ask(i: int) -> str:

@@ -67,6 +67,13 @@ class Feed:
         self.held[replica] = holdings
 
 
+def hashes_of(hasher: PromptHasher, request: RouteRequest) -> bytes:
+    """The first block's hash (the cold home's key)."""
+    found = hasher.hashes(request.route, request.body, None)
+    assert found
+    return found[0]
+
+
 def chat(text: str, **extra: object) -> RouteRequest:
     body = {"model": "tiny", "messages": [{"role": "user", "content": text}], **extra}
     return RouteRequest("/v1/chat/completions", body, None)
@@ -79,8 +86,12 @@ def replicas(**in_flight: int) -> list[ReplicaState]:
     ]
 
 
-def run(picker: CachePicker, request: RouteRequest, reps: list[ReplicaState]) -> Pick:
-    return asyncio.run(picker.pick(request, reps))
+def run(picker: CachePicker, request: RouteRequest, reps: list[ReplicaState], answered: bool = True) -> Pick:
+    """One pick; ``answered``: its first choice answered (as the router tells the picker)."""
+    pick = asyncio.run(picker.pick(request, reps))
+    if answered:
+        picker.routed(request, pick.order[0], pick)
+    return pick
 
 
 @pytest.fixture
@@ -118,14 +129,17 @@ def test_memory_beats_home_and_a_fresh_route_sticks(hasher: PromptHasher) -> Non
     pick = run(picker, request, replicas())
     assert pick.order[0] == other and pick.reason == "memory"
     assert pick.expected_cached_tokens == 3 * BLOCK
-    # A new prefix routed to the non-home replica a moment ago sticks there (it is prefilling it).
-    fresh = chat("A brand new shared document nobody has sent before. " * 6)
-    fresh_hashes = hasher.hashes(fresh.route, fresh.body, None)
-    assert fresh_hashes is not None
-    not_home = next(u for u in [A, B] if u != rendezvous(fresh_hashes[0], [A, B])[0])
-    picker.routed(fresh, not_home, run(picker, fresh, replicas()))
-    follow = run(picker, chat("A brand new shared document nobody has sent before. " * 6), replicas())
-    assert follow.reason == "memory" and follow.order[0] == not_home
+    # A burst on a new prefix: the first request goes to a replica that is not its home (the home
+    # is busy), and the next ones follow it there while it is still prefilling, though the home
+    # is idle again by then.
+    fresh = "A brand new shared document nobody has sent before. " * 6
+    fresh_home = rendezvous(hashes_of(hasher, chat(fresh + " one")), [A, B])[0]
+    busy = {"a": 9} if fresh_home == A else {"b": 9}
+    first = run(picker, chat(fresh + " one"), replicas(**busy), answered=False)
+    assert first.order[0] != fresh_home and first.reason == "least_loaded"
+    for question in (" two", " three"):
+        follow = run(picker, chat(fresh + question), replicas(), answered=False)
+        assert follow.reason == "memory" and follow.order[0] == first.order[0]
 
 
 def test_a_swamped_replica_is_relieved(hasher: PromptHasher) -> None:
@@ -165,7 +179,7 @@ def test_shared_tier_blocks_count_as_a_cheap_restore(hasher: PromptHasher, share
     assert pick.reason == "shared" and pick.expected_cached_tokens == 4 * BLOCK
     # Memory on one replica beyond what Redis holds wins over the shared tier.
     feed.hold(B, memory=hashes[:2])
-    pick = run(picker, request, replicas())
+    pick = run(CachePicker(hasher, feed, shared), request, replicas())
     assert pick.order[0] == B and pick.reason == "memory" and pick.expected_cached_tokens == 4 * BLOCK
 
 
@@ -194,3 +208,22 @@ def test_tenants_and_salts_never_share_blocks(info: ReplicaInfo, tmp_path: Path)
     assert a and b and salted
     assert not set(a) & set(b) and not set(a) & set(salted)
     assert hasher.hashes("/v1/chat/completions", body, "no-such-key") is None
+
+
+def test_prefill_work_still_queued_on_a_replica_counts_against_it(hasher: PromptHasher) -> None:
+    picker = CachePicker(hasher, Feed())
+    big = chat("An unrelated long document that takes a while to prefill. " * 8)
+    small = chat(DOC + " queued")
+    home = rendezvous(hashes_of(hasher, small), [A, B])[0]
+    # The big prompt is sent to the small one's home and has not answered yet.
+    busy = {"a": 9} if home == B else {"b": 9}
+    sent = run(picker, big, replicas(**busy), answered=False)
+    assert sent.order[0] == home
+    assert picker.prefill_backlog(home) == len(hasher.hashes(big.route, big.body, None) or [])
+    pick = run(picker, small, replicas(), answered=False)
+    assert pick.order[0] != home and pick.reason == "least_loaded"
+    # Once it answered, its blocks are no longer queued work: the home takes the next cold prompt.
+    picker.routed(big, home, sent)
+    assert picker.prefill_backlog(home) == 0
+    again = run(CachePicker(hasher, Feed()), small, replicas())
+    assert again.order[0] == home and again.reason == "cold_home"
