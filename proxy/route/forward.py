@@ -265,16 +265,24 @@ class ForwardedResponse(Response):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+        def record() -> None:
+            # Also when the client left: many stop reading at the stream's usage chunk or [DONE].
+            found = tap.result() if tap is not None else None
+            if found is not None:
+                self._fw.metrics.cached(url, found)
+
         relaying = asyncio.create_task(pump())
         await _until_either(relaying, gone)
         if not relaying.done():  # the client left: stop, and closing upstream tells the replica
             relaying.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError, httpx.HTTPError):
                 await relaying
+            record()
             return
         try:
             relaying.result()
         except OSError:  # the client's connection broke under a send: it left
+            record()
             return
         except httpx.TransportError:
             # The replica went away mid-answer: nothing can be resent; the client's connection is
@@ -282,10 +290,7 @@ class ForwardedResponse(Response):
             self._fw.replicas.failed(url)
             log.warning("replica %s failed mid-answer for %s", url, self._out.path)
             raise
-        if tap is not None:
-            found = tap.result()
-            if found is not None:
-                self._fw.metrics.cached(url, found)
+        record()
 
 
 async def _send_unless_gone(

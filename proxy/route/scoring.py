@@ -59,9 +59,12 @@ class SharedTier(Protocol):
 class RouteWeights:
     """Every weight and threshold of the scoring (each a ``kvproxy route`` option)."""
 
-    restore_weight: float = 0.05
-    """A block restored from disk or Redis against one recomputed: the server bench replays a
-    restarted server's prompts from disk/Redis 19-20x faster than it prefills them."""
+    restore_weight: float = 0.3
+    """A block restored from disk or Redis against one recomputed. The restore alone is cheaper
+    (a replayed prompt is restored 19-20x faster than prefilled, server bench), but a conversation
+    that moves for a small load difference is then held in two memory tiers: with 0.05, 18 of 63
+    follow-up turns moved and the memory share was 0.86 of an oracle's; with 0.3, 0.94-1.00 and
+    at most one move (``bench/route_bench.py``, Redis configuration)."""
     load_weight: float = 4.0
     """Prefill blocks one request in flight on a replica is worth."""
     imbalance_abs: int = 8

@@ -37,6 +37,10 @@ HELP = {
     "soon_ttl_s": f"seconds a routed prefix counts as in its replica's memory (default {_W.soon_ttl_s})",
     "approx_ttl_s": "seconds a routed prefix is remembered when there are no block events "
     f"(default {_W.approx_ttl_s})",
+    "prefill_ttl_s": "seconds a routed request's blocks count as prefill queued on its replica until it "
+    f"answers (default {_W.prefill_ttl_s})",
+    "shared_check_blocks": "blocks looked up in Redis per request, at most "
+    f"(default {_W.shared_check_blocks})",
 }
 
 
@@ -77,6 +81,8 @@ class RouteSettings(BaseSettings):
     imbalance_rel: float = Field(default=_W.imbalance_rel, ge=1.0)
     soon_ttl_s: float = Field(default=_W.soon_ttl_s, ge=0)
     approx_ttl_s: float = Field(default=_W.approx_ttl_s, ge=0)
+    prefill_ttl_s: float = Field(default=_W.prefill_ttl_s, ge=0)
+    shared_check_blocks: int = Field(default=_W.shared_check_blocks, ge=0, le=100_000)
 
     @field_validator("replica", mode="before")
     @classmethod
@@ -105,4 +111,6 @@ class RouteSettings(BaseSettings):
             imbalance_rel=self.imbalance_rel,
             soon_ttl_s=self.soon_ttl_s,
             approx_ttl_s=self.approx_ttl_s,
+            prefill_ttl_s=self.prefill_ttl_s,
+            shared_check_blocks=self.shared_check_blocks,
         )
