@@ -1,11 +1,11 @@
 """Cache-aware routing against plain load balancing: ``python -m bench.route_bench [--quick]``.
 
-Two ``kvproxy serve`` replicas of the ``bench-llama-8x512`` model (``bench.model_runner_bench``:
-random weights, 8 layers, hidden 512, 2 KV heads; blocks of 32 tokens; one torch thread each), each
-with its own memory tier, sized below the workload's working set (so one replica cannot hold it
-all, both together can), and its own disk directory; in the second configuration also one shared
-Redis (a prefix of this run only, deleted at the end) that holds all of it. In front of them, a
-router process per arm (``bench.route_proc``):
+Three (``--replicas``; ``--quick``: two) ``kvproxy serve`` replicas of the ``bench-llama-8x512``
+model (``bench.model_runner_bench``: random weights, 8 layers, hidden 512, 2 KV heads; blocks of 32
+tokens; one torch thread each), each with its own memory tier, sized below the workload's working
+set (so one replica cannot hold it all, together they can), and its own disk directory; in the
+second configuration also one shared Redis (a prefix of this run only, deleted at the end) that
+holds all of it. In front of them, a router process per arm (``bench.route_proc``):
 
 - ``round-robin`` and ``least-loaded``: the router app with the plain pickers;
 - ``route``: ``kvproxy route`` itself (the cache-aware ``CachePicker``; with Redis, its block
@@ -112,7 +112,7 @@ def plan(quick: bool) -> Plan:
             reps=1,
             max_tokens=4,
         )
-    return Plan(workload=RouteParams(), replicas=2, memory_fraction=0.75, reps=1, max_tokens=8)
+    return Plan(workload=RouteParams(), replicas=3, memory_fraction=0.75, reps=1, max_tokens=8)
 
 
 # -- prompts as the replicas see them ----------------------------------------------------------
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the servers' logs to this dir")
     parser.add_argument(
-        "--replicas", type=int, default=0, help="replicas behind each router (default 2; the issue says 2-3)"
+        "--replicas", type=int, default=0, help="replicas behind each router (default 3; --quick: 2)"
     )
     parser.add_argument(
         "--render", type=Path, default=None, metavar="JSON", help="only print the tables of a saved run again"
