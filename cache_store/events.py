@@ -298,11 +298,12 @@ class BlockEvents:
             log.debug("block events: redis refused %d commands: %s", len(refused), self._scrub(refused[0]))
 
     def _failed(self, lost: int, exc: Exception) -> None:
-        """Count the lost batch and back off. The outage is logged once, at its start."""
+        """Count the lost batch and back off. The outage is logged once, at its start, at INFO:
+        the Redis tier's own warning already tells the operator (one outage, one warning)."""
         with self._cond:
             self._dropped += lost
         if not self._backoff_s:
-            log.warning("block events: redis unavailable (%s); events are dropped", self._scrub(exc))
+            log.info("block events: redis unavailable (%s); events are dropped", self._scrub(exc))
         else:
             log.debug("block events: redis still unavailable: %s", self._scrub(exc))
         self._backoff_s = min(max(self._backoff_s * 2, _BACKOFF_MIN_S), _BACKOFF_MAX_S)

@@ -40,6 +40,7 @@ import pytest
 import torch
 from openai import OpenAI
 
+from cache_store.redis_store import EVENTS_INFIX
 from model_runner.detokenize import CONTEXT_TOKENS, IncrementalDetokenizer
 from model_runner.engine import Engine
 from model_runner.engine_config import EngineConfig
@@ -109,6 +110,7 @@ class Rig:
             return {
                 bytes.fromhex(rkey.decode()[len(REDIS_PREFIX) :])
                 for rkey in client.scan_iter(match=REDIS_PREFIX + "*", count=1000)
+                if not rkey.decode().startswith(REDIS_PREFIX + EVENTS_INFIX)  # the event stream
             }
 
     def redis_records(self, keys: set[bytes]) -> dict[bytes, bytes]:

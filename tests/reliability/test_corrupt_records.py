@@ -25,6 +25,7 @@ import xxhash
 
 from cache_store.codec import RecordError, peek_header
 from cache_store.hashing import namespace_hash
+from cache_store.redis_store import EVENTS_INFIX
 from tests.reliability.conftest import BLOCK_SIZE, ServerFactory
 from tests.reliability.helpers import Reply, chain_order, chat, chat_body, clean_reference, text
 from tests.support.live_server import LiveServer
@@ -76,6 +77,8 @@ class Rig:
     def redis_blocks(self) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
         for rkey in self.redis.scan_iter(match=self.prefix + "*", count=1000):
+            if rkey.decode().startswith(self.prefix + EVENTS_INFIX):
+                continue  # the server's block event stream, not a block
             value = self.redis.get(rkey)
             if value is not None:
                 out[bytes.fromhex(rkey.decode()[len(self.prefix) :])] = value
