@@ -66,7 +66,10 @@ class RouteWeights:
     follow-up turns moved and the memory share was 0.86 of an oracle's; with 0.3, 0.94-1.00 and
     at most one move (``bench/route_bench.py``, Redis configuration)."""
     load_weight: float = 4.0
-    """Prefill blocks one request in flight on a replica is worth."""
+    """Prefill blocks one request in flight on a replica is worth. Swept once on the quick router
+    bench (3 replicas, 500-900-token prompts, with Redis): 1 kept every turn on its replica (1.00
+    of the oracle's memory share) but let the busiest replica reach 1.50x the mean load; 4 gave
+    0.89 and 1.17x; 8 gave 0.82 and 1.33x (single runs, noisy)."""
     imbalance_abs: int = 8
     imbalance_rel: float = 2.0
     soon_ttl_s: float = 5.0
