@@ -22,8 +22,6 @@ BlockOp = Literal["stored", "evicted", "deleted", "cleared"]
 """``stored``: the tier now holds the blocks; ``evicted``: dropped to make room; ``deleted``: removed
 on request (or found corrupt); ``cleared``: the tier was emptied (no hashes)."""
 
-BLOCK_OPS: tuple[BlockOp, ...] = ("stored", "evicted", "deleted", "cleared")
-
 BlockListener = Callable[[str, str, Sequence[bytes]], None]
 """``listener(op, tier, block_hashes)``. Called with the store's lock held: it must be cheap, must
 not block and must not call back into the store."""

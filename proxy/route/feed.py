@@ -40,6 +40,8 @@ class _Feed:
     replica: str
     holdings: Holdings = field(default_factory=Holdings)
     stream: str | None = None
+    epoch: str | None = None
+    """The stream and epoch its info answer gave when it was last checked."""
     last_id: bytes = b"0-0"
     lock: threading.Lock = field(default_factory=threading.Lock)
     retry_at: float = 0.0
@@ -75,7 +77,6 @@ class EventFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.resyncs = 0
-        self.errors = 0
 
     # -- what the picker reads --------------------------------------------------------------
 
@@ -86,13 +87,6 @@ class EventFeed:
             return None
         with feed.lock:
             return feed.holdings if feed.holdings.exact else None
-
-    def tier_of(self, replica: str, block: bytes) -> str | None:
-        feed = self._feeds.get(replica)
-        if feed is None:
-            return None
-        with feed.lock:
-            return feed.holdings.tier_of(block) if feed.holdings.exact else None
 
     def forget(self, replica: str) -> None:
         """The replica went down or restarted (a new epoch): check it again and reload its
@@ -108,10 +102,6 @@ class EventFeed:
     def refuse_with(self, callback: Callable[[str, str], None]) -> None:
         """``callback(url, reason)`` hears of every replica whose blocks differ from the router's."""
         self._refuse = callback
-
-    def refused(self, replica: str) -> str | None:
-        feed = self._feeds.get(replica)
-        return feed.refused if feed is not None else None
 
     def start(self) -> None:
         """Start (or restart) reading; what is known so far is kept."""
@@ -146,7 +136,6 @@ class EventFeed:
                 try:
                     progressed |= self._step(feed)
                 except Exception as exc:  # one replica's trouble never stops the others
-                    self.errors += 1
                     log.debug("block events of %s: %s", feed.replica, exc)
                     with feed.lock:
                         feed.holdings.exact = False
@@ -188,8 +177,9 @@ class EventFeed:
         return bool(entries)
 
     def _verify(self, feed: _Feed) -> None:
-        """Check the replica's info against the router's (once per start of the replica)."""
-        info = ReplicaInfo.from_json(self._get(feed.replica, "/v1/cache/info"))
+        """Check the replica's info against the router's and note its event stream (once per
+        start of the replica; the tokenizer files are not fetched again)."""
+        info = ReplicaInfo.from_json(self._get(feed.replica, "/v1/cache/info?tokenizer=false"))
         why = self._reference.same_cache(info) if self._reference is not None else None
         if why is not None:
             feed.refused = why
@@ -197,23 +187,23 @@ class EventFeed:
             if self._refuse is not None:
                 self._refuse(feed.replica, why)
             return
+        with feed.lock:
+            feed.stream, feed.epoch = info.events_stream, info.epoch
         feed.verified = True
 
     def _resync(self, feed: _Feed) -> None:
         """Snapshot, then replay the stream from its start (events the snapshot covers are
         skipped by their seq)."""
-        info = self._get(feed.replica, "/v1/cache/info")
-        events = info.get("events") or {}
-        stream, epoch = events.get("stream"), events.get("epoch")
+        stream, epoch = feed.stream, feed.epoch
         if not stream or not epoch:
             raise RuntimeError("the replica publishes no block events")
         snap = self._get(feed.replica, "/v1/cache/blocks")
         if snap.get("epoch") != epoch:
-            raise RuntimeError("the replica restarted during the snapshot")
+            feed.verified = False  # it restarted since it was checked: check it again
+            raise RuntimeError("the replica restarted since its info was read")
         blocks = {tier: [bytes.fromhex(h) for h in snap.get(tier, [])] for tier in ("memory", "disk")}
         with feed.lock:
             feed.holdings.reset(epoch, int(snap["seq"]), blocks)
-            feed.stream = stream
             feed.last_id = b"0-0"
         self.resyncs += 1
         log.info(

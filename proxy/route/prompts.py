@@ -90,8 +90,8 @@ class ReplicaInfo:
             raise ReplicaInfoError(
                 f"the info answer is malformed ({exc.__class__.__name__}: {exc})"
             ) from None
-        if info.block_size < 1 or not info.tokenizer_files:
-            raise ReplicaInfoError("the info answer has no block size or no tokenizer files")
+        if info.block_size < 1:
+            raise ReplicaInfoError("the info answer has no valid block size")
         return info
 
     def same_cache(self, other: ReplicaInfo) -> str | None:
@@ -113,6 +113,8 @@ class PromptHasher:
             raise ReplicaInfoError(
                 f"the replica writes record format {info.format_version}, this router knows {FORMAT_VERSION}"
             )
+        if not info.tokenizer_files:
+            raise ReplicaInfoError("the replica's info answer has no tokenizer files")
         self.info = info
         self.block_size = info.block_size
         workdir.mkdir(parents=True, exist_ok=True)

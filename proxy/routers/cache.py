@@ -68,12 +68,16 @@ async def cache_stats(
 
 
 @router.get("/v1/cache/info")
-async def cache_info(_: AdminDep, services: ServicesDep, runtime: RuntimeDep) -> dict[str, Any]:
+async def cache_info(
+    _: AdminDep, services: ServicesDep, runtime: RuntimeDep, tokenizer: bool = True
+) -> dict[str, Any]:
     """Everything a router needs to compute this replica's block hashes without the weights: the
     namespace's inputs (fingerprint, block size, format version; the tenant and ``cache_salt``
-    come with each request) and the tokenizer itself; and where this replica's events are."""
+    come with each request) and the tokenizer itself; and where this replica's events are.
+    ``?tokenizer=false`` leaves the tokenizer files out (megabytes for a large vocabulary: a
+    router re-checking a replica after a restart needs only the rest)."""
     settings = services.settings
-    files = await asyncio.to_thread(runtime.tokenizer_files)
+    files = await asyncio.to_thread(runtime.tokenizer_files) if tokenizer else {}
     events = runtime.events
     return {
         "model": settings.model_name,

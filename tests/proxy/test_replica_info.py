@@ -165,6 +165,12 @@ def test_info_lets_a_router_tokenize_and_hash_like_the_replica(
     assert (info["block_size"], info["max_context"], info["format_version"]) == (BS, 1024, FORMAT_VERSION)
     assert info["redis_prefix"] == server.settings.redis_prefix
     assert info["events"]["stream"] == f"{server.settings.redis_prefix}events:{info['events']['epoch']}"
+    # A router re-checking the replica leaves the tokenizer out; the rest is the same.
+    lean = get(server, "/v1/cache/info?tokenizer=false").json()
+    assert lean["tokenizer_files"] == {} and info["tokenizer_files"]
+    assert {k: v for k, v in lean.items() if k != "tokenizer_files"} == {
+        k: v for k, v in info.items() if k != "tokenizer_files"
+    }
 
     for name, data in info["tokenizer_files"].items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
