@@ -14,8 +14,10 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from proxy.auth import ApiKeyFileError, KeyTable
 from proxy.cli_client import CliError
@@ -87,45 +89,37 @@ def add_settings_options(parser: argparse.ArgumentParser, names: Iterable[str]) 
     # DESIGN: `--disk-dir DIR | --no-disk`; argparse refuses both at once.
     disk_group = parser.add_mutually_exclusive_group()
     for name in names:
-        field = ServeSettings.model_fields[name]
-        flag = "--" + name.replace("_", "-")
-        env = f"KVPROXY_{name.upper()}"
-        help_text = f"{_HELP.get(name, '')} [env {env}]"
         target = disk_group if name in ("disk_dir", "no_disk") else parser
-        if field.annotation is bool:
-            target.add_argument(
-                flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
-            )
-        elif name == "served_model_name":
-            target.add_argument(
-                flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="NAME", help=help_text
-            )
-        else:
-            target.add_argument(
-                flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
-            )
+        _add_option(target, name, ServeSettings.model_fields[name], f"KVPROXY_{name.upper()}", _HELP)
 
 
 def add_route_options(parser: argparse.ArgumentParser) -> None:
     from proxy.route.settings import HELP, RouteSettings
 
     for name, field in RouteSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
         alias = field.validation_alias
         env = alias.choices[0] if alias is not None else f"KVPROXY_ROUTE_{name.upper()}"  # type: ignore[union-attr]
-        help_text = f"{HELP.get(name, '')} [env {env}]"
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text
-            )
-        elif name == "replica":
-            parser.add_argument(
-                flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="URL", help=help_text
-            )
-        else:
-            parser.add_argument(
-                flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text
-            )
+        _add_option(parser, name, field, str(env), HELP)
+
+
+_REPEATED: Mapping[str, str] = MappingProxyType({"served_model_name": "NAME", "replica": "URL"})
+"""List options, one flag per item: their metavar."""
+
+
+def _add_option(target: Any, name: str, field: FieldInfo, env: str, helps: Mapping[str, str]) -> None:
+    """One settings field as a flag (a bool is a switch, a list repeats); only a flag the user
+    gives is passed on (``SUPPRESS``), so it beats the environment, which beats the default."""
+    flag = "--" + name.replace("_", "-")
+    help_text = f"{helps.get(name, '')} [env {env}]"
+    if field.annotation is bool:
+        target.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+    elif name in _REPEATED:
+        metavar = _REPEATED[name]
+        target.add_argument(
+            flag, dest=name, action="append", default=argparse.SUPPRESS, metavar=metavar, help=help_text
+        )
+    else:
+        target.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
 
 
 def route(args: argparse.Namespace) -> int:
