@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from model_runner.demo import ensure_demo_model
+from tests.support.browser import browser  # noqa: F401 (the dashboard tests' fixture, here and in route/)
 from tests.support.live_server import LiveServer
 
 BLOCK_SIZE = 16

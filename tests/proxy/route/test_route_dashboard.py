@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page
 
 from proxy.route.replicas import Replicas
 from tests.proxy.route.harness import (
@@ -26,27 +26,14 @@ from tests.proxy.route.harness import (
     start_replica,
     write_api_keys,
 )
-from tests.proxy.test_dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, capture
+from tests.proxy.test_dashboard import capture
+from tests.support.browser import ARTIFACTS
 from tests.support.inprocess_server import InProcessServer
 from tests.support.redis_fixtures import free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 EXPECTED = 16  # the cached tokens the picker promises on every request
 TOTAL = "total"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` "
-            "(or run scripts/services.sh)",
-            pytrace=False,
-        )
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
